@@ -29,7 +29,6 @@ test: install
 
 lint: install
 	$(BIN)/ruff check .
-	$(BIN)/ruff format --check .
 
 bench-engine: install
 	$(BIN)/python bench/engine.py

@@ -89,9 +89,7 @@ def block_cover(
     return cover.scatter_(1, cells, True)
 
 
-def fix_count(
-    selected: torch.Tensor, num_selected: int, generator: torch.Generator | None = None
-) -> torch.Tensor:
+def fix_count(selected: torch.Tensor, num_selected: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """Force exactly ``num_selected`` True per row: drop a uniform random surplus, or add uniform
     random unselected cells (reference §3.2 step 4).
 
@@ -120,7 +118,8 @@ def inverse_block_mask(
     ``grid`` = (time patches, frequency patches), (64, 8) for 1024 frames. Every row has exactly
     ⌊L·(1 − mask_prob)⌋ visible cells (102 of 512 for EAT-base; 128 with the large setting
     ``mask_prob=0.75, mask_prob_adjust=0.1``). Rows are independent, so the 16 clones of a clip are
-    simply 16 consecutive rows.
+    simply 16 consecutive rows. ``generator`` must live on ``device`` (masks are normally made on the
+    CPU, in the data loader, like the original's precomputed masks).
     """
     if num_rows < 0:
         raise MaskConfigError(f"num_rows must be >= 0, got {num_rows}")
@@ -128,4 +127,3 @@ def inverse_block_mask(
     visible = block_cover(num_rows, grid, plan.num_centres, mask_length, generator, device)
     visible = fix_count(visible, plan.num_visible, generator)
     return ~visible
-

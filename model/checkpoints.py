@@ -18,7 +18,6 @@ import json
 import os
 import pickle
 import re
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ from torch import nn
 from model.classifier import EATClassifier
 from model.config import EATConfig, FrontendConfig, Label
 from model.encoder import Encoder, sincos_position_table
+from model.files import atomic_path
 
 FORMAT_VERSION = "1"
 _FAIRSEQ_PREFIX = "modality_encoders.IMAGE."
@@ -457,15 +457,8 @@ def save_state(
         "name": name or path.stem,
         "source_sha256": source_sha256 or "",
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in state.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata=metadata)
     return path
 
 

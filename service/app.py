@@ -1,0 +1,388 @@
+"""The HTTP API: routes translate, ``Inference`` works (STYLE.md §4).
+
+``create_app(settings, engine=None)`` assembles the app. Its lifespan opens the engine (unless one
+is injected, as tests do with a fake), warms it up, starts the batcher, and on exit drains the
+batcher and closes the engine. All errors go through one handler that maps ``ServiceError`` to its
+status, counts the rejection and adds ``Retry-After`` where it applies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import math
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Annotated, Literal
+
+import numpy as np
+from fastapi import Depends, FastAPI, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service.batcher import Batcher
+from service.engine import Engine, ModelInfo, OnnxEngine
+from service.errors import Draining, NoClassifier, NotAcceptable, ServiceError, Unauthorized
+from service.inference import Inference, StageTimings, hop_samples_for
+from service.metrics import Metrics
+from service.middleware import RequestContext
+from service.schemas import (
+    EmbedResponse,
+    ErrorBody,
+    Health,
+    LabelOut,
+    LabelsResponse,
+    ModelResponse,
+    PredictResponse,
+)
+from service.settings import Settings
+from service.uploads import read_uploads, watch_disconnect
+
+logger = logging.getLogger(__name__)
+
+NPY_TYPE = "application/x-npy"
+_ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 406, 413, 415, 422, 429, 500, 503)}
+_UPLOAD_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {"file": {"type": "array", "items": {"type": "string", "format": "binary"}}},
+                    "required": ["file"],
+                }
+            },
+            "audio/*": {"schema": {"type": "string", "format": "binary"}},
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
+
+
+@dataclass
+class ServiceState:
+    """Everything one app instance owns; lives on ``app.state.eat`` (no module globals)."""
+
+    settings: Settings
+    metrics: Metrics
+    engine: Engine | None = None
+    inference: Inference | None = None
+    batcher: Batcher | None = None
+    ready: bool = False
+    draining: bool = False
+
+    def running(self) -> Inference:
+        """The inference pipeline, for new work: refused while draining."""
+        if self.draining or self.inference is None:
+            raise Draining("the server is not accepting work (starting or shutting down)")
+        return self.inference
+
+    def model(self) -> ModelInfo:
+        """The model's metadata, answered also while draining."""
+        if self.engine is None:
+            raise Draining("the server is starting")
+        return self.engine.info
+
+
+def _state(request: Request) -> ServiceState:
+    return request.app.state.eat
+
+
+StateDep = Annotated[ServiceState, Depends(_state)]
+
+
+def _require_key(request: Request, state: StateDep) -> None:
+    keys = state.settings.api_keys
+    if not keys:
+        return
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or token.strip() not in keys:
+        raise Unauthorized("missing or invalid API key: send 'Authorization: Bearer <key>'")
+
+
+AuthDep = Depends(_require_key)
+
+
+def _deadline(state: ServiceState) -> float:
+    return time.monotonic() + state.settings.request_timeout_s
+
+
+def _timings(request: Request) -> StageTimings:
+    return request.scope["state"]["timings"]
+
+
+async def predict(
+    request: Request,
+    response: Response,
+    state: StateDep,
+    top_k: Annotated[int, Query(ge=1, le=1000, description="tags per file (and per window)")] = 5,
+    threshold: Annotated[float | None, Query(ge=0.0, le=1.0, description="drop tags scoring below")] = None,
+    timeline: Annotated[bool, Query(description="add per-window tags (start_s, end_s)")] = False,
+) -> PredictResponse:
+    """Tag audio: clip scores are the max over the model's windows; `timeline=true` adds each window."""
+    inference = state.running()
+    deadline = _deadline(state)
+    if not inference.info.has_classifier:  # refuse before reading a large body
+        raise NoClassifier("this model has no classifier head; use /embed for embeddings")
+    uploads = await read_uploads(
+        request, max_upload_bytes=state.settings.max_upload_bytes, max_files=state.settings.max_files
+    )
+    async with watch_disconnect(request) as gone:
+        results = await inference.predict(
+            uploads,
+            top_k=top_k,
+            threshold=threshold,
+            timeline=timeline,
+            deadline=deadline,
+            timings=_timings(request),
+            disconnected=gone,
+        )
+    response.headers.update(_timings(request).headers())
+    return PredictResponse(model=inference.info.model_name, results=results)
+
+
+async def embed(
+    request: Request,
+    response: Response,
+    state: StateDep,
+    pooling: Annotated[Literal["cls", "mean", "time"], Query(description="cls | mean | time (per 160 ms)")] = "cls",
+) -> EmbedResponse:
+    """Embed audio. JSON by default; `Accept: application/x-npy` returns the array of a single file
+    (float32 [D], or [T, D] for pooling=time); several files with that Accept are refused with 406."""
+    inference = state.running()
+    deadline = _deadline(state)
+    want_npy = NPY_TYPE in request.headers.get("accept", "")
+    uploads = await read_uploads(
+        request, max_upload_bytes=state.settings.max_upload_bytes, max_files=state.settings.max_files
+    )
+    if want_npy and len(uploads) != 1:
+        raise NotAcceptable(f"{NPY_TYPE} holds one array: send one file per request, or ask for JSON")
+    async with watch_disconnect(request) as gone:
+        results = await inference.embed(
+            uploads, pooling=pooling, deadline=deadline, timings=_timings(request), disconnected=gone
+        )
+    headers = _timings(request).headers()
+    if want_npy:
+        buffer = io.BytesIO()
+        np.save(buffer, results[0][1].astype(np.float32), allow_pickle=False)
+        return Response(buffer.getvalue(), media_type=NPY_TYPE, headers=headers)  # type: ignore[return-value]
+    response.headers.update(headers)
+    return EmbedResponse(model=inference.info.model_name, results=[r for r, _ in results])
+
+
+def live() -> Health:
+    return Health(status="ok")
+
+
+def ready(state: StateDep, response: Response) -> Health:
+    """200 only after the warm-up inference and while the batcher is healthy; 503 when draining."""
+    if state.draining:
+        status: Literal["ok", "starting", "draining", "failed"] = "draining"
+    elif state.batcher is not None and not state.batcher.healthy:
+        status = "failed"
+    else:
+        status = "ok" if state.ready else "starting"
+    if status != "ok":
+        response.status_code = 503
+    return Health(status=status)
+
+
+def model_info(state: StateDep) -> ModelResponse:
+    info, s = state.model(), state.settings
+    hop = hop_samples_for(s.hop_seconds, info.window_samples)
+    return ModelResponse(
+        model_name=info.model_name,
+        format_version=info.format_version,
+        provider=info.provider,
+        precision=info.precision,
+        sample_rate=info.sample_rate,
+        window_samples=info.window_samples,
+        window_s=info.window_s,
+        hop_s=hop / info.sample_rate,
+        target_frames=info.target_frames,
+        embedding_dim=info.embedding_dim,
+        num_classes=info.num_classes,
+        has_classifier=info.has_classifier,
+        time_patches=info.time_patches,
+        freq_patches=info.freq_patches,
+        source_sha256=info.source_sha256,
+        max_batch=s.max_batch,
+        batch_buckets=s.batch_buckets,
+        max_delay_ms=s.max_delay_ms,
+        queue_size=s.queue_size,
+        max_upload_bytes=s.max_upload_bytes,
+        max_duration_s=s.max_duration_s,
+        request_timeout_s=s.request_timeout_s,
+    )
+
+
+def labels(state: StateDep) -> LabelsResponse:
+    info = state.model()
+    return LabelsResponse(
+        model=info.model_name,
+        num_classes=info.num_classes,
+        labels=[LabelOut(index=lab.index, id=lab.id, name=lab.display_name) for lab in info.labels],
+    )
+
+
+def metrics(state: StateDep) -> Response:
+    return Response(state.metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+# ---- errors: one table, one handler (house rule 9) ---------------------------------------------------------
+def _error_response(status: int, message: str, error_type: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message, "error_type": error_type}, status_code=status, headers=headers)
+
+
+def _install_error_handlers(app: FastAPI, metrics_: Metrics) -> None:
+    async def on_service_error(request: Request, err: Exception) -> JSONResponse:
+        assert isinstance(err, ServiceError)
+        if err.reason is not None:
+            metrics_.reject(err.reason)
+        headers = {}
+        if err.retry_after_s is not None:
+            headers["Retry-After"] = str(max(1, math.ceil(err.retry_after_s)))
+        if err.status == 401:
+            headers["WWW-Authenticate"] = "Bearer"
+        if err.status >= 500:
+            logger.warning("%s: %s", err.error_type, err.message)
+        return _error_response(err.status, err.message, err.error_type, headers)
+
+    async def on_http_error(request: Request, err: Exception) -> JSONResponse:
+        assert isinstance(err, StarletteHTTPException)
+        return _error_response(err.status_code, str(err.detail), f"http_{err.status_code}", err.headers)
+
+    async def on_validation_error(request: Request, err: Exception) -> JSONResponse:
+        assert isinstance(err, RequestValidationError)
+        parts = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()]
+        return _error_response(422, "; ".join(parts), "bad_request")
+
+    app.add_exception_handler(ServiceError, on_service_error)
+    app.add_exception_handler(StarletteHTTPException, on_http_error)
+    app.add_exception_handler(RequestValidationError, on_validation_error)
+
+
+# ---- assembly ---------------------------------------------------------------------------------------------
+def _warm_up(engine: Engine, buckets: list[int]) -> None:
+    """Run every bucket shape once so the first real request does not pay for allocation/tuning."""
+    info = engine.info
+    outputs = ("embedding", "tokens", "logits") if info.has_classifier else ("embedding", "tokens")
+    for bucket in buckets:
+        waveform = np.zeros((bucket, info.window_samples), np.float32)
+        engine.run(waveform, np.full(bucket, info.window_samples, np.int64), outputs)
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    state: ServiceState = app.state.eat
+    s = state.settings
+    if state.engine is None:
+        state.engine = await asyncio.to_thread(
+            OnnxEngine, s.model_path, provider=s.provider, intra_op_threads=s.intra_op_threads
+        )
+    engine = state.engine
+    info = engine.info
+    hop_samples = hop_samples_for(s.hop_seconds, info.window_samples)
+    state.metrics.model_info.labels(
+        model_name=info.model_name,
+        provider=info.provider,
+        precision=info.precision,
+        window_samples=str(info.window_samples),
+        max_batch=str(s.max_batch),
+    ).set(1)
+    # CPU: one shape is enough to page the weights in; GPU: every bucket up to max_batch (cuDNN plans).
+    used = [b for b in s.batch_buckets if b <= s.bucket_for(s.max_batch)]
+    await asyncio.to_thread(_warm_up, engine, used if info.provider == "cuda" else used[:1])
+    state.batcher = Batcher(
+        engine,
+        metrics=state.metrics,
+        max_batch=s.max_batch,
+        batch_buckets=s.batch_buckets,
+        max_delay_s=s.max_delay_ms / 1000,
+        queue_size=s.queue_size,
+        pad_to_bucket=info.provider == "cuda",  # on CPU a padded row costs a full row: cut down instead
+    )
+    executor = ThreadPoolExecutor(s.decode_threads, thread_name_prefix="eat-decode")
+    state.inference = Inference(
+        info=info,
+        batcher=state.batcher,
+        metrics=state.metrics,
+        executor=executor,
+        hop_samples=hop_samples,
+        max_duration_s=s.max_duration_s,
+    )
+    state.batcher.start()
+    state.ready = True
+    logger.info("ready: model=%s provider=%s", info.model_name, info.provider)
+    try:
+        yield
+    finally:
+        state.ready, state.draining = False, True
+        await asyncio.to_thread(state.batcher.stop, timeout_s=s.drain_timeout_s)
+        executor.shutdown(wait=False, cancel_futures=True)
+        engine.close()
+        logger.info("stopped")
+
+
+def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
+    """One service instance with its own metrics registry; ``engine`` replaces the ONNX session."""
+    app = FastAPI(
+        title="EAT audio service",
+        summary="Audio tagging and embeddings with an EAT model exported to ONNX",
+        version="0.1.0",
+        lifespan=_lifespan,
+    )
+    state = ServiceState(settings=settings, metrics=Metrics(), engine=engine)
+    app.state.eat = state
+    _install_error_handlers(app, state.metrics)
+    protected = {"dependencies": [AuthDep], "responses": _ERRORS}
+    app.add_api_route(
+        "/predict",
+        predict,
+        methods=["POST"],
+        response_model=PredictResponse,
+        openapi_extra=_UPLOAD_BODY,
+        tags=["inference"],
+        **protected,
+    )
+    app.add_api_route(
+        "/embed",
+        embed,
+        methods=["POST"],
+        response_model=EmbedResponse,
+        openapi_extra=_UPLOAD_BODY,
+        tags=["inference"],
+        dependencies=[AuthDep],
+        responses={**_ERRORS, 200: {"content": {NPY_TYPE: {"schema": {"type": "string", "format": "binary"}}}}},
+    )
+    app.add_api_route(
+        "/v1/model", model_info, methods=["GET"], response_model=ModelResponse, tags=["model"], **protected
+    )
+    app.add_api_route("/v1/labels", labels, methods=["GET"], response_model=LabelsResponse, tags=["model"], **protected)
+    app.add_api_route("/health/live", live, methods=["GET"], response_model=Health, tags=["health"])
+    app.add_api_route(
+        "/health/ready",
+        ready,
+        methods=["GET"],
+        response_model=Health,
+        tags=["health"],
+        responses={503: {"model": Health}},
+    )
+    app.add_api_route("/metrics", metrics, methods=["GET"], tags=["health"], response_class=Response)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["*"],
+            expose_headers=["x-request-id", "x-total-time"],
+        )
+    app.add_middleware(RequestContext, metrics=state.metrics)
+    return app

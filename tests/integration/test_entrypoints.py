@@ -139,7 +139,7 @@ def test_pretraining_job_command_trains_and_resumes(pretrain_run: Path, data_dir
 
 @pytest.fixture(scope="module")
 def model_path(pretrain_run: Path, workdir: Path) -> Path:
-    """The bring-your-own-model step of deploy/README.md: our checkpoint -> `eat export` -> model.onnx."""
+    """The bring-your-own-model step of the README's Deploy section: our checkpoint -> `eat export` -> model.onnx."""
     out = workdir / "models" / "tiny" / "model.onnx"
     out.parent.mkdir(parents=True)
     _run([_executable("eat"), "export", str(pretrain_run / "model.safetensors"), str(out), "--window-seconds", "2"], {})

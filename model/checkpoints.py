@@ -368,6 +368,15 @@ def _load_ours(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str
     )
 
 
+def _looks_like_safetensors(path: Path) -> bool:
+    """Safetensors: an 8-byte little-endian header length, then a JSON header that fits the file."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if len(head) < 9:
+        return False
+    return head[8:9] == b"{" and int.from_bytes(head[:8], "little") < path.stat().st_size
+
+
 def load_checkpoint(path: str | os.PathLike[str], teacher: bool = False) -> LoadedCheckpoint:
     """Read any supported checkpoint: ours (.safetensors), fairseq (.pt) or a Hugging Face folder."""
     path = Path(path)
@@ -375,9 +384,7 @@ def load_checkpoint(path: str | os.PathLike[str], teacher: bool = False) -> Load
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.is_dir():
         return _load_hf(path, teacher)
-    with open(path, "rb") as f:
-        head = f.read(8)
-    if head.startswith(b"PK") or head[:1] == b"\x80":  # torch zip archive, or a legacy raw pickle
+    if not _looks_like_safetensors(path):  # a torch zip archive or a legacy raw pickle
         return _load_fairseq(path, teacher)
     tensors, meta = _read_safetensors(path)
     if "eat_config" in meta:

@@ -1,4 +1,5 @@
-"""Atomic file writes: a reader (a serving replica, a resuming job) never sees half a file."""
+"""Atomic, durable file writes: a reader (a serving replica, a resuming job) never sees half a file,
+and a crash never leaves a name pointing at missing data."""
 
 from __future__ import annotations
 
@@ -25,7 +26,17 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     try:
         yield Path(tmp)
         os.chmod(tmp, 0o666 & ~umask)
+        _fsync(tmp)  # the data is on disk before the name points at it
         os.replace(tmp, path)
+        _fsync(path.parent)  # and the rename itself survives a crash
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _fsync(path: str | os.PathLike[str]) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -224,3 +224,15 @@ def test_convert_cli(official: Path, io: dict, tmp_path: Path, capsys: pytest.Ca
     assert "2 labels" in capsys.readouterr().err
     assert eat_main(["convert", str(tmp_path / "nope.pt"), str(out)]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_safetensors_whose_header_length_starts_with_0x80(tmp_path: Path) -> None:
+    """A header length of 0x..80 once made our own files look like pickles."""
+    encoder = Encoder(tiny(depth=1))
+    for name_len in range(256):  # vary the header length until its low byte is 0x80
+        path = save_checkpoint(tmp_path / "m.safetensors", encoder, FrontendConfig(), name="x" * name_len)
+        if path.read_bytes()[0] == 0x80:
+            break
+    else:
+        pytest.fail("no header length with low byte 0x80 found")
+    assert load_checkpoint(path).name == "x" * name_len

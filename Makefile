@@ -34,7 +34,7 @@ bench-engine: install
 	$(BIN)/python bench/engine.py
 
 bench-load: install
-	$(BIN)/python bench/load.py
+	$(BIN)/python bench/load.py --threads 1 --max-batch 4
 
 bench-train: install
 	$(BIN)/python bench/train_throughput.py

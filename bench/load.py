@@ -40,6 +40,7 @@ import soundfile as sf
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+from service.audio import to_windows  # noqa: E402
 from service.engine import OnnxEngine  # noqa: E402  (after the path set-up, so `python bench/load.py` works)
 
 
@@ -274,15 +275,25 @@ def main(argv: list[str] | None = None) -> int:
     ]
     engine["best_windows_per_s"] = max(r["windows_per_s"] for r in engine["per_batch"])
     engine["batch1_call_ms"] = engine["per_batch"][0]["call_ms_median"] if batch_sizes[0] == 1 else None
-    best_service = max(r["requests_per_s"] for r in service)
+    # A 10 s upload is one window for a 10 s model but several for a shorter one: compare windows/s,
+    # and at concurrency 1 compare with the engine calls that one request's windows need.
+    clip = np.zeros(10 * 16_000, np.float32)  # the uploads of ten_second_wav()
+    windows_per_request = len(
+        to_windows(clip, window_samples=engine["window_samples"], hop_samples=engine["window_samples"])
+    )
+    call_ms = {r["batch_size"]: r["call_ms_median"] for r in engine["per_batch"]}
+    full, rest = divmod(windows_per_request, max(call_ms))
+    request_engine_ms = full * call_ms[max(call_ms)] + (call_ms[min(b for b in call_ms if b >= rest)] if rest else 0)
+    best_service = max(r["requests_per_s"] for r in service) * windows_per_request
     c1 = next((r for r in service if r["concurrency"] == 1), None)
     summary = {
-        "service_best_requests_per_s": best_service,
+        "windows_per_request": windows_per_request,
+        "service_best_windows_per_s": round(best_service, 2),
+        "engine_best_windows_per_s": engine["best_windows_per_s"],
         "throughput_ratio": round(best_service / engine["best_windows_per_s"], 3),
         "throughput_target_met": best_service >= 0.8 * engine["best_windows_per_s"],
-        "c1_p50_overhead_ms": round(c1["p50_ms"] - engine["batch1_call_ms"], 2)
-        if c1 and engine["batch1_call_ms"]
-        else None,
+        "engine_ms_per_request": round(request_engine_ms, 2),
+        "c1_p50_overhead_ms": round(c1["p50_ms"] - request_engine_ms, 2) if c1 else None,
     }
     summary["latency_target_met"] = summary["c1_p50_overhead_ms"] is not None and summary["c1_p50_overhead_ms"] <= 5
     report = {

@@ -99,6 +99,15 @@ def load_training_checkpoint(path: str | os.PathLike[str], *, kind: str) -> dict
     return state
 
 
+def require_world_size(state: dict[str, Any], world_size: int) -> None:
+    """Exact resume needs the same ranks: the sampler shards and the RNG states are per rank."""
+    if state["world_size"] != world_size:
+        raise TrainingCheckpointError(
+            f"checkpoint was written by {state['world_size']} rank(s), this run has "
+            f"{world_size}; resume with the same world size"
+        )
+
+
 def unwrap(module: torch.nn.Module) -> torch.nn.Module:
     """The plain module inside DDP and/or ``torch.compile`` wrappers (checkpoints have no prefixes)."""
     while True:

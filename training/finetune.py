@@ -34,6 +34,7 @@ from training.checkpoint import (
     CHECKPOINT_NAME,
     capture_rng_state,
     load_training_checkpoint,
+    require_world_size,
     restore_rng_state,
     save_training_checkpoint,
     unwrap,
@@ -220,11 +221,7 @@ def train(
     step = 0
     best = {"value": float("-inf"), "step": 0}
     if state is not None:
-        if state["world_size"] != env.world_size:
-            raise ValueError(
-                f"checkpoint was written by {state['world_size']} rank(s), this run has "
-                f"{env.world_size}; resume with the same world size"
-            )
+        require_world_size(state, env.world_size)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         sampler.load_state_dict(state["data"])

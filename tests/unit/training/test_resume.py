@@ -145,3 +145,11 @@ def test_rng_states_round_trip_through_weights_only_load(tmp_path: Path) -> None
     restore_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True)["rng"])
     got = (torch.rand(3), np.random.rand(3), random.random())
     assert torch.equal(want[0], got[0]) and np.array_equal(want[1], got[1]) and want[2] == got[2]
+
+
+def test_resume_with_another_world_size_is_refused() -> None:
+    from training.checkpoint import TrainingCheckpointError, require_world_size
+
+    require_world_size({"world_size": 2}, 2)
+    with pytest.raises(TrainingCheckpointError, match="written by 2 rank"):
+        require_world_size({"world_size": 2}, 1)

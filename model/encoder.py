@@ -199,11 +199,6 @@ def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def patch_grid(num_frames: int, cfg: EATConfig) -> tuple[int, int]:
-    """(time patches, frequency patches) for ``num_frames`` input frames."""
-    return num_frames // cfg.patch_size, cfg.freq_patches
-
-
 def flops_per_token(cfg: EATConfig, seq_len: int) -> float:
     """Forward FLOPs per token of the transformer stack (2·params + attention), for MFU figures."""
     d, h = cfg.embed_dim, int(cfg.embed_dim * cfg.mlp_ratio)
@@ -220,6 +215,5 @@ __all__ = [
     "PatchEmbed",
     "count_params",
     "flops_per_token",
-    "patch_grid",
     "sincos_position_table",
 ]

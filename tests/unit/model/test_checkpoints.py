@@ -179,9 +179,14 @@ def test_truncated_files(official: Path, tmp_path: Path) -> None:
 
 
 def test_foreign_files(tmp_path: Path) -> None:
-    (tmp_path / "noise.bin").write_bytes(os.urandom(4096))
-    with pytest.raises(CheckpointError):
-        load_checkpoint(tmp_path / "noise.bin")
+    rng = np.random.default_rng(0)
+    for i in range(64):  # noise of every kind: some looks like a pickle, some like safetensors
+        noise = rng.integers(0, 256, 4096, dtype=np.uint8).tobytes()
+        if i % 4 == 0:
+            noise = b"\x80\x02" + noise
+        (tmp_path / "noise.bin").write_bytes(noise)
+        with pytest.raises(CheckpointError):
+            load_checkpoint(tmp_path / "noise.bin")
     torch.save({"model": {"conv1.weight": torch.zeros(3), "fc.bias": torch.zeros(2)}}, tmp_path / "resnet.pt")
     with pytest.raises(CheckpointError, match="conv1.weight"):
         load_checkpoint(tmp_path / "resnet.pt")

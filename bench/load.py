@@ -40,8 +40,8 @@ import soundfile as sf
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from service.audio import to_windows  # noqa: E402
-from service.engine import OnnxEngine  # noqa: E402  (after the path set-up, so `python bench/load.py` works)
+from eat.contract import cut_windows  # noqa: E402
+from eat.engine import OnnxEngine  # noqa: E402  (after the path set-up, so `python bench/load.py` works)
 
 
 def percentiles_ms(latencies_s: list[float]) -> dict[str, float]:
@@ -279,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     # and at concurrency 1 compare with the engine calls that one request's windows need.
     clip = np.zeros(10 * 16_000, np.float32)  # the uploads of ten_second_wav()
     windows_per_request = len(
-        to_windows(clip, window_samples=engine["window_samples"], hop_samples=engine["window_samples"])
+        cut_windows(clip, window_samples=engine["window_samples"], hop_samples=engine["window_samples"])
     )
     call_ms = {r["batch_size"]: r["call_ms_median"] for r in engine["per_batch"]}
     full, rest = divmod(windows_per_request, max(call_ms))

@@ -26,20 +26,26 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from eat.contract import ModelInfo, hop_samples_for
+from eat.engine import Engine, OnnxEngine
+from eat.predictor import Embedding, Prediction
 from service.batcher import Batcher
-from service.engine import Engine, ModelInfo, OnnxEngine
 from service.errors import Draining, NoClassifier, NotAcceptable, ServiceError, Unauthorized
-from service.inference import Inference, StageTimings, hop_samples_for
+from service.inference import Inference, Pooling, StageTimings
 from service.metrics import Metrics
 from service.middleware import RequestContext
 from service.schemas import (
     EmbedResponse,
+    EmbedResult,
     ErrorBody,
     Health,
     LabelOut,
     LabelsResponse,
     ModelResponse,
     PredictResponse,
+    PredictResult,
+    Tag,
+    WindowTags,
 )
 from service.settings import Settings
 from service.uploads import read_uploads, watch_disconnect
@@ -135,16 +141,14 @@ async def predict(
         request, max_upload_bytes=state.settings.max_upload_bytes, max_files=state.settings.max_files
     )
     async with watch_disconnect(request) as gone:
-        results = await inference.predict(
+        predictions = await inference.predict(
             uploads,
-            top_k=top_k,
-            threshold=threshold,
-            timeline=timeline,
             deadline=deadline,
             timings=_timings(request),
             disconnected=gone,
         )
     response.headers.update(_timings(request).headers())
+    results = [predict_result(p, top_k=top_k, threshold=threshold, timeline=timeline) for p in predictions]
     return PredictResponse(model=inference.info.model_name, results=results)
 
 
@@ -152,7 +156,9 @@ async def embed(
     request: Request,
     response: Response,
     state: StateDep,
-    pooling: Annotated[Literal["cls", "mean", "time"], Query(description="cls | mean | time (per 160 ms)")] = "cls",
+    pooling: Annotated[
+        Pooling, Query(description="cls | mean | time (per 160 ms) | frame (all patch tokens) | all (CLS + frame)")
+    ] = "cls",
 ) -> EmbedResponse:
     """Embed audio. JSON by default; `Accept: application/x-npy` returns the array of a single file
     (float32 [D], or [T, D] for pooling=time); several files with that Accept are refused with 406."""
@@ -165,16 +171,43 @@ async def embed(
     if want_npy and len(uploads) != 1:
         raise NotAcceptable(f"{NPY_TYPE} holds one array: send one file per request, or ask for JSON")
     async with watch_disconnect(request) as gone:
-        results = await inference.embed(
+        embeddings = await inference.embed(
             uploads, pooling=pooling, deadline=deadline, timings=_timings(request), disconnected=gone
         )
     headers = _timings(request).headers()
     if want_npy:
         buffer = io.BytesIO()
-        np.save(buffer, results[0][1].astype(np.float32), allow_pickle=False)
+        np.save(buffer, embeddings[0].vector, allow_pickle=False)
         return Response(buffer.getvalue(), media_type=NPY_TYPE, headers=headers)  # type: ignore[return-value]
     response.headers.update(headers)
-    return EmbedResponse(model=inference.info.model_name, results=[r for r, _ in results])
+    results = [embed_result(e, pooling) for e in embeddings]
+    return EmbedResponse(model=inference.info.model_name, results=results)
+
+
+def predict_result(p: Prediction, *, top_k: int, threshold: float | None, timeline: bool) -> PredictResult:
+    rows = None
+    if timeline:
+        rows = [WindowTags(start_s=w.start_s, end_s=w.end_s, tags=[Tag(**vars(t)) for t in w.tags])
+                for w in p.timeline(top_k, threshold)]
+    return PredictResult(
+        filename=p.name,
+        duration_s=p.duration_s,
+        num_windows=p.num_windows,
+        tags=[Tag(**vars(t)) for t in p.tags(top_k, threshold)],
+        timeline=rows,
+    )
+
+
+def embed_result(e: Embedding, pooling: Pooling) -> EmbedResult:
+    return EmbedResult(
+        filename=e.name,
+        duration_s=e.duration_s,
+        num_windows=e.num_windows,
+        pooling=pooling,
+        dim=int(e.vector.shape[-1]),
+        embedding=e.vector.tolist(),
+        time_step_s=e.time_step_s,
+    )
 
 
 def live() -> Health:

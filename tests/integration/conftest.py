@@ -21,7 +21,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 # A server whose engine sleeps before each call, so batching, overload and drain are deterministic.
 SLOW_SERVER = """
 import sys, time
-from service.engine import OnnxEngine
+from eat.engine import OnnxEngine
 from service.log import configure_logging
 from service.server import serve
 from service.settings import Settings

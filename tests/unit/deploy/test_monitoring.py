@@ -34,7 +34,7 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.app import create_app
-from service.engine import Label, ModelInfo
+from eat.contract import Label, ModelInfo
 from service.settings import Settings
 
 PROMETHEUS = REPO_ROOT / "deploy/prometheus"

@@ -12,7 +12,7 @@ from svc_helpers import GatedEngine
 from svc_toy_model import build_toy_model
 
 from service.app import create_app
-from service.engine import OnnxEngine
+from eat.engine import OnnxEngine
 from service.settings import Settings
 
 

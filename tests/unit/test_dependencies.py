@@ -1,8 +1,9 @@
 """House rule 2: `eat` (the contract, decoding, Predictor) -> numpy and onnxruntime only; `model` -> torch
 and `eat.contract`; `training` -> `model`, `eat`; `service` -> `eat`, never torch (the serving image has
 none). Checked on the import statements of every module, and by importing the service in a fresh
-interpreter. The one exception: `eat` may import `model` inside a function, the optional PyTorch backend
-of ``Predictor.from_checkpoint``, which only runs when a checkpoint is asked for."""
+interpreter. The exceptions: `eat` may import `model` and `torch` inside a function, for the optional
+PyTorch backend of ``Predictor.from_checkpoint`` and for HEAR callers that pass torch tensors; neither
+runs unless asked for."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ FORBIDDEN = {
     "service": {"model", "training", "torch", "torchaudio", "safetensors"},
 }
 
-LAZY_ALLOWED = {"eat": {"model"}}  # imported inside a function only (see the docstring)
+LAZY_ALLOWED = {"eat": {"model", "torch"}}  # imported inside a function only (see the docstring)
 
 
 def _imported_top_levels(path: Path, *, module_level_only: bool = False) -> set[str]:

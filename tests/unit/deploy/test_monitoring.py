@@ -33,8 +33,8 @@ from deploy_files import (
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.app import create_app
 from eat.contract import Label, ModelInfo
+from service.app import create_app
 from service.settings import Settings
 
 PROMETHEUS = REPO_ROOT / "deploy/prometheus"

@@ -19,8 +19,8 @@ from model.classifier import EATClassifier
 from model.config import FrontendConfig, Label, tiny
 from model.encoder import Encoder
 from model.frontend import LogMelFrontend
-from training import cli, export
 from model.pipeline import ClassifierHeads, EmbeddingHeads, WaveformModel, WindowError, window_frames
+from training import cli, export
 from training.export import FP16_RELATIVE_TOLERANCE, ExportError, VerificationError, export_onnx
 
 WINDOW_S = 2.0

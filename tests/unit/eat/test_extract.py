@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
-from conftest import case_path
+from eat_cases import case_path
 
 from eat import Predictor
 from eat.contract import SAMPLE_RATE, sigmoid

@@ -3,7 +3,8 @@
 ``create_app(settings, engine=None)`` assembles the app. Its lifespan opens the engine (unless one
 is injected, as tests do with a fake), warms it up, starts the batcher, and on exit drains the
 batcher and closes the engine. All errors go through one handler that maps ``ServiceError`` to its
-status, counts the rejection and adds ``Retry-After`` where it applies.
+status, counts the rejection and adds ``Retry-After`` where it applies. Admission (the concurrency
+cap, checked before a body is read) and the request deadline live in ``service.admission``.
 """
 
 from __future__ import annotations
@@ -12,9 +13,7 @@ import asyncio
 import io
 import logging
 import math
-import time
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Annotated, Literal
@@ -29,7 +28,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from eat.contract import ModelInfo, hop_samples_for
 from eat.engine import Engine, OnnxEngine
 from eat.predictor import Embedding, Prediction
+from service.admission import Admission
 from service.batcher import Batcher
+from service.decode_pool import BoundedPool
 from service.errors import Draining, NoClassifier, NotAcceptable, ServiceError, Unauthorized
 from service.inference import Inference, Pooling, StageTimings
 from service.metrics import Metrics
@@ -81,14 +82,15 @@ class ServiceState:
     engine: Engine | None = None
     inference: Inference | None = None
     batcher: Batcher | None = None
+    decode_pool: BoundedPool | None = None
     ready: bool = False
     draining: bool = False
 
-    def running(self) -> Inference:
-        """The inference pipeline, for new work: refused while draining."""
-        if self.draining or self.inference is None:
+    def running(self) -> tuple[Inference, BoundedPool]:
+        """The inference pipeline and the decode pool, for new work: refused while draining."""
+        if self.draining or self.inference is None or self.decode_pool is None:
             raise Draining("the server is not accepting work (starting or shutting down)")
-        return self.inference
+        return self.inference, self.decode_pool
 
     def model(self) -> ModelInfo:
         """The model's metadata, answered also while draining."""
@@ -116,8 +118,9 @@ def _require_key(request: Request, state: StateDep) -> None:
 AuthDep = Depends(_require_key)
 
 
-def _deadline(state: ServiceState) -> float:
-    return time.monotonic() + state.settings.request_timeout_s
+def _deadline(request: Request) -> float:
+    """Set by ``Admission`` at the request's arrival: the body, decode, queue and engine all count."""
+    return request.scope["state"]["deadline"]
 
 
 def _timings(request: Request) -> StageTimings:
@@ -133,12 +136,16 @@ async def predict(
     timeline: Annotated[bool, Query(description="add per-window tags (start_s, end_s)")] = False,
 ) -> PredictResponse:
     """Tag audio: clip scores are the max over the model's windows; `timeline=true` adds each window."""
-    inference = state.running()
-    deadline = _deadline(state)
+    inference, pool = state.running()
+    deadline = _deadline(request)
     if not inference.info.has_classifier:  # refuse before reading a large body
         raise NoClassifier("this model has no classifier head; use /embed for embeddings")
     uploads = await read_uploads(
-        request, max_upload_bytes=state.settings.max_upload_bytes, max_files=state.settings.max_files
+        request,
+        max_upload_bytes=state.settings.max_upload_bytes,
+        max_files=state.settings.max_files,
+        parse_pool=pool,
+        deadline=deadline,
     )
     async with watch_disconnect(request) as gone:
         predictions = await inference.predict(
@@ -162,11 +169,15 @@ async def embed(
 ) -> EmbedResponse:
     """Embed audio. JSON by default; `Accept: application/x-npy` returns the array of a single file
     (float32 [D], or [T, D] for pooling=time); several files with that Accept are refused with 406."""
-    inference = state.running()
-    deadline = _deadline(state)
+    inference, pool = state.running()
+    deadline = _deadline(request)
     want_npy = NPY_TYPE in request.headers.get("accept", "")
     uploads = await read_uploads(
-        request, max_upload_bytes=state.settings.max_upload_bytes, max_files=state.settings.max_files
+        request,
+        max_upload_bytes=state.settings.max_upload_bytes,
+        max_files=state.settings.max_files,
+        parse_pool=pool,
+        deadline=deadline,
     )
     if want_npy and len(uploads) != 1:
         raise NotAcceptable(f"{NPY_TYPE} holds one array: send one file per request, or ask for JSON")
@@ -210,11 +221,13 @@ def embed_result(e: Embedding, pooling: Pooling) -> EmbedResult:
     )
 
 
-def live() -> Health:
+# The health routes are coroutines: they answer on the event loop with no hop to a thread, which
+# under load would queue them behind other threads' work (issue 14).
+async def live() -> Health:
     return Health(status="ok")
 
 
-def ready(state: StateDep, response: Response) -> Health:
+async def ready(state: StateDep, response: Response) -> Health:
     """200 only after the warm-up inference and while the batcher is healthy; 503 when draining."""
     if state.draining:
         status: Literal["ok", "starting", "draining", "failed"] = "draining"
@@ -342,7 +355,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         queue_size=s.queue_size,
         pad_to_bucket=info.provider == "cuda",  # on CPU a padded row costs a full row: cut down instead
     )
-    executor = ThreadPoolExecutor(s.decode_threads, thread_name_prefix="eat-decode")
+    executor = BoundedPool(num_threads=s.decode_threads, max_jobs=s.decode_pool_size, metrics=state.metrics)
+    state.decode_pool = executor
     state.inference = Inference(
         info=info,
         batcher=state.batcher,
@@ -417,5 +431,12 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
             allow_headers=["*"],
             expose_headers=["x-request-id", "x-total-time"],
         )
+    # Added last = outermost: RequestContext (ids, timing, access log) sees every answer, Admission's too.
+    app.add_middleware(
+        Admission,
+        metrics=state.metrics,
+        limit=settings.concurrency_limit,
+        request_timeout_s=settings.request_timeout_s,
+    )
     app.add_middleware(RequestContext, metrics=state.metrics)
     return app

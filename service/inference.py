@@ -108,10 +108,11 @@ class Inference:
             # copy_context: the decode thread logs with this request's id (STYLE.md §5)
             call = functools.partial(contextvars.copy_context().run, self._decode_one, upload)
             jobs.append(loop.run_in_executor(self._executor, call))
-        decoded = await asyncio.gather(*jobs)
+        try:  # stop waiting at the deadline; cancelling drops the jobs that have not started
+            decoded = await asyncio.wait_for(asyncio.gather(*jobs), timeout=max(0.0, deadline - time.monotonic()))
+        except asyncio.TimeoutError:
+            raise DeadlineExceeded("the request's deadline passed while decoding") from None
         timings.decode_s = time.monotonic() - start
-        if time.monotonic() >= deadline:
-            raise DeadlineExceeded("the request's deadline passed while decoding")
         return list(decoded)
 
     def _decode_one(self, upload: Upload) -> Clip:

@@ -51,6 +51,17 @@ class Settings(BaseSettings):
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     decode_threads: int = Field(2, ge=1, description="threads decoding and resampling uploads")
+    max_concurrent_requests: int | None = Field(
+        None,
+        ge=1,
+        description="most /predict + /embed requests in flight, checked before the body is read; beyond it: 429. "
+        "None = queue_size + max_batch (see concurrency_limit)",
+    )
+    decode_queue_size: int | None = Field(
+        None,
+        ge=1,
+        description="most jobs queued or running in the decode pool; beyond it: 429. None = concurrency_limit",
+    )
     max_files: int = Field(16, ge=1, description="most files in one multipart request")
 
     @field_validator("batch_buckets", "api_keys", "cors_origins", mode="before")
@@ -79,6 +90,24 @@ class Settings(BaseSettings):
         if self.queue_size < self.max_batch:
             raise ValueError(f"queue_size ({self.queue_size}) must hold at least max_batch ({self.max_batch})")
         return self
+
+    @property
+    def concurrency_limit(self) -> int:
+        """Requests admitted at once: ``EAT_MAX_CONCURRENT_REQUESTS``, else ``queue_size + max_batch``.
+
+        The default is one queue's worth of windows plus one batch in the engine, counting one window
+        per request (a 10 s clip on EAT's 10 s window). More admitted requests than that could not
+        all fit the batcher anyway: the extra ones would upload and decode, then meet a full queue.
+        Fewer keeps accepted latency near the queue's worth of engine time. Requests with more
+        windows still meet the batcher's own bound.
+        """
+        return self.max_concurrent_requests or self.queue_size + self.max_batch
+
+    @property
+    def decode_pool_size(self) -> int:
+        """Jobs the decode pool may hold; by default one per admitted request, so one-file requests
+        never meet this bound and it only stops multi-file requests from flooding the pool."""
+        return self.decode_queue_size or self.concurrency_limit
 
     def bucket_for(self, num_windows: int) -> int:
         """Smallest bucket that holds ``num_windows`` (<= max_batch by construction of batches)."""

@@ -263,6 +263,7 @@ def model_info(state: StateDep) -> ModelResponse:
         batch_buckets=s.batch_buckets,
         max_delay_ms=s.max_delay_ms,
         queue_size=s.queue_size,
+        max_concurrent_requests=s.concurrency_limit,
         max_upload_bytes=s.max_upload_bytes,
         max_duration_s=s.max_duration_s,
         request_timeout_s=s.request_timeout_s,

@@ -83,6 +83,7 @@ class ModelResponse(BaseModel):
     batch_buckets: list[int]
     max_delay_ms: float
     queue_size: int
+    max_concurrent_requests: int
     max_upload_bytes: int
     max_duration_s: float
     request_timeout_s: float

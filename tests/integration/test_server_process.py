@@ -131,7 +131,7 @@ def test_overload_gives_429_with_retry_after(slow_server) -> None:
     assert set(statuses) <= {200, 429} and statuses.count(429) > 0 and statuses.count(200) >= 8
     refused = next(r for r in responses if r.status_code == 429)
     assert int(refused.headers["retry-after"]) >= 1 and refused.json()["error_type"] == "overloaded"
-    # 12 admitted at once (queue 8 + batch 4); the rest refused at the door, or by the queue
+    # 8 admitted at once (the queue's 8 windows); the rest refused at the door, or by the queue
     at_door = slow_server.metric("eat_rejections_total", 'reason="concurrency_limit"')
     at_queue = slow_server.metric("eat_rejections_total", 'reason="queue_full"')
     assert at_door > 0 and at_door + at_queue == statuses.count(429)

@@ -221,8 +221,8 @@ def embed_result(e: Embedding, pooling: Pooling) -> EmbedResult:
     )
 
 
-# The health routes are coroutines: they answer on the event loop with no hop to a thread, which
-# under load would queue them behind other threads' work (issue 14).
+# The health routes (and /metrics) are coroutines: they answer on the event loop with no hop to a
+# thread, which under load would queue them behind other threads' work for the GIL (issue 14).
 async def live() -> Health:
     return Health(status="ok")
 
@@ -279,7 +279,8 @@ def labels(state: StateDep) -> LabelsResponse:
     )
 
 
-def metrics(state: StateDep) -> Response:
+async def metrics(state: StateDep) -> Response:
+    """On the loop too: rendering the registry takes about a millisecond, less than a thread hop under load."""
     return Response(state.metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
 

@@ -151,11 +151,33 @@ def _request(host: str, body: bytes) -> bytes:
 
 
 async def _post(pool: list, host: str, port: int, request: bytes) -> int:
-    reader, writer = pool.pop() if pool else await asyncio.open_connection(host, port)
+    """One request on an idle pooled connection (or a new one); the connection goes back when reusable.
+
+    uvicorn closes connections idle for 5 s. A pooled connection it closed a moment before our write
+    gives EOF with no byte of answer: that request is sent again on a new connection, once, as HTTP
+    clients do for idempotent retries of a request the server never saw.
+    """
+    reused = None
+    while pool and reused is None:
+        reader, writer = pool.pop()
+        if reader.at_eof() or writer.is_closing():
+            writer.close()
+        else:
+            reused = (reader, writer)
+    reader, writer = reused or await asyncio.open_connection(host, port)
     try:
         writer.write(request)
         await writer.drain()
         head = await reader.readuntil(b"\r\n\r\n")
+    except (asyncio.IncompleteReadError, ConnectionResetError) as err:
+        writer.close()
+        if reused is None or (isinstance(err, asyncio.IncompleteReadError) and err.partial):
+            raise
+        return await _post([], host, port, request)  # on a new connection, so at most one retry
+    except BaseException:
+        writer.close()
+        raise
+    try:
         lines = head.decode("latin-1").split("\r\n")
         headers = dict(line.lower().split(": ", 1) for line in lines[1:] if ": " in line)
         await reader.readexactly(int(headers.get("content-length", "0")))

@@ -115,7 +115,7 @@ async def measure_capacity(url: str, body: bytes, concurrency: int, seconds: flo
 
     async def worker(end: float, pool: list) -> None:
         while time.monotonic() < end:
-            done.append(await _post(pool, host, int(port), request))
+            done.append((await _post(pool, host, int(port), request))[0])
 
     pools: list[list] = [[] for _ in range(concurrency)]
     await asyncio.gather(*(worker(time.monotonic() + 2, pool) for pool in pools))  # connections, warm paths
@@ -141,6 +141,8 @@ async def measure_capacity(url: str, body: bytes, concurrency: int, seconds: flo
     }
 
 
+STAGES = ("total", "decode", "queue", "inference")  # the service's x-<stage>-time headers, in ms
+
 # ---- the open-loop load generator: its own process, plain asyncio streams --------------------------------
 # httpx costs too much CPU per request to offer 8x on a small machine, and a saturated client loop would
 # be measured as server latency. So the generator writes HTTP/1.1 by hand over keep-alive connections,
@@ -150,7 +152,7 @@ def _request(host: str, body: bytes) -> bytes:
     return head.encode() + body
 
 
-async def _post(pool: list, host: str, port: int, request: bytes) -> int:
+async def _post(pool: list, host: str, port: int, request: bytes) -> tuple[int, dict[str, str]]:
     """One request on an idle pooled connection (or a new one); the connection goes back when reusable.
 
     uvicorn closes connections idle for 5 s. A pooled connection it closed a moment before our write
@@ -188,24 +190,25 @@ async def _post(pool: list, host: str, port: int, request: bytes) -> int:
         writer.close()
     else:
         pool.append((reader, writer))
-    return int(lines[0].split()[1])
+    return int(lines[0].split()[1]), headers
 
 
 async def _open_loop(url: str, body: bytes, rate: float, count: int, start: float) -> list[tuple]:
     host, port = url.removeprefix("http://").split(":")
     request = _request(host, body)
     pool: list = []
-    results: list[tuple] = []  # (status or error name, scheduled, sent, answered)
+    results: list[tuple] = []  # (status or error name, scheduled, sent, answered, server stage ms)
 
     async def one(i: int) -> None:
         scheduled = start + i / rate
         await asyncio.sleep(max(0.0, scheduled - time.monotonic()))
         sent = time.monotonic()
         try:
-            status: int | str = await asyncio.wait_for(_post(pool, host, int(port), request), timeout=120)
+            status, headers = await asyncio.wait_for(_post(pool, host, int(port), request), timeout=120)
+            stages = {name: float(headers.get(f"x-{name}-time", "nan")) for name in STAGES}
         except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError) as err:
-            status = type(err).__name__
-        results.append((status, scheduled, sent, time.monotonic()))
+            status, stages = type(err).__name__, {}
+        results.append((status, scheduled, sent, time.monotonic(), stages))
 
     await asyncio.gather(*(one(i) for i in range(count)))
     for _, writer in pool:
@@ -240,7 +243,7 @@ def run_level(url: str, pid: int, body: bytes, rate: float, seconds: float, time
             i += 1
     results = receiving.recv()
     generator.join(30)
-    elapsed = max(answered for *_, answered in results) - start
+    elapsed = max(r[3] for r in results) - start
     statuses = [r[0] for r in results]
     accepted = [r for r in results if r[0] == 200]
     rejected = [r for r in results if r[0] == 429]
@@ -252,12 +255,16 @@ def run_level(url: str, pid: int, body: bytes, rate: float, seconds: float, time
         "statuses": {str(s): statuses.count(s) for s in sorted(set(statuses), key=str)},
         "accepted_per_s": round(len(accepted) / elapsed, 2),
         # from the scheduled send (open-loop latency) and from the actual send (the server's share)
-        "accepted": quantiles_ms([answered - scheduled for _, scheduled, _, answered in accepted]),
-        "accepted_from_send": quantiles_ms([answered - sent for _, _, sent, answered in accepted]),
-        "rejected": quantiles_ms([answered - scheduled for _, scheduled, _, answered in rejected]),
-        "rejected_from_send": quantiles_ms([answered - sent for _, _, sent, answered in rejected]),
-        "client_lag": quantiles_ms([sent - scheduled for _, scheduled, sent, _ in results]),
-        "late_answers": sum(1 for _, _, sent, answered in accepted if answered - sent > timeout_s),
+        "accepted": quantiles_ms([answered - scheduled for _, scheduled, _, answered, _ in accepted]),
+        "accepted_from_send": quantiles_ms([answered - sent for _, _, sent, answered, _ in accepted]),
+        # the server's own view of accepted requests (x-*-time headers): where the time went
+        "accepted_server_stages": {
+            name: quantiles_ms([r[4][name] / 1000 for r in accepted if not np.isnan(r[4][name])]) for name in STAGES
+        },
+        "rejected": quantiles_ms([answered - scheduled for _, scheduled, _, answered, _ in rejected]),
+        "rejected_from_send": quantiles_ms([answered - sent for _, _, sent, answered, _ in rejected]),
+        "client_lag": quantiles_ms([sent - scheduled for _, scheduled, sent, _, _ in results]),
+        "late_answers": sum(1 for _, _, sent, answered, _ in accepted if answered - sent > timeout_s),
         "server_5xx": sum(1 for s in statuses if isinstance(s, int) and s >= 500),
         "health_live": {**quantiles_ms(health), "probes": len(health)},
         "metrics_route": quantiles_ms([t for path, _, t in probes if path == "/metrics"]),

@@ -101,8 +101,9 @@ class Settings(BaseSettings):
         issue 14's goal, the rest left for the CPU that uploads and decodes share with the engine. The
         floor of two batches keeps the engine busy (one batch running, the next one prefetched) when the
         queue is small. Requests with more windows still meet the batcher's own bound (429 queue_full).
-        Measured on the official-fixture model (bench/overload.py): a limit of queue + one batch gave an
-        accepted p99 about 30 % over the goal at 4x, this one met it with the same throughput.
+        In bench/overload.py runs (official-fixture model, batch 4, queue 8), a limit of queue + one batch
+        (12) kept accepted p99 30-45 % over the goal at 4x and 8x; this one (8) cut p50 from ~225 to
+        ~150 ms for about a tenth less throughput (docs/serving.md has the figures).
         """
         return self.max_concurrent_requests or max(self.queue_size, 2 * self.max_batch)
 

@@ -194,13 +194,13 @@ def post(client, seconds: float = 0.3):
 
 
 class GatedDecode:
-    """Replaces ``service.inference.decode``: every call waits at the gate, then decodes for real."""
+    """Replaces ``service.inference.prepare`` (decode + windows): every call waits at the gate, then runs for real."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.gate = threading.Event()
         self.entered = threading.Event()
         self.finished = 0
-        real = service.inference.decode
+        real = service.inference.prepare
 
         def gated(data: bytes, **kwargs):
             self.entered.set()
@@ -210,7 +210,7 @@ class GatedDecode:
             finally:
                 self.finished += 1
 
-        monkeypatch.setattr(service.inference, "decode", gated)
+        monkeypatch.setattr(service.inference, "prepare", gated)
 
 
 def test_the_cap_refuses_work_in_the_app(make_client, gated_engine: GatedEngine) -> None:

@@ -23,7 +23,7 @@ from eat import audio
 from eat.contract import Granularity, ModelInfo, outputs_for
 from eat.predictor import Clip, Embedding, Prediction, embedding, prediction, prepare
 from service.batcher import Batcher
-from service.errors import AudioTooLong, Cancelled, DeadlineExceeded, InvalidAudio, NoClassifier
+from service.errors import AudioTooLong, Cancelled, DeadlineExceeded, InvalidAudio, NoClassifier, ServiceError
 from service.metrics import Metrics
 
 # /embed's names: `cls` is the utterance (CLS) vector; the rest are eat.contract's granularities.
@@ -104,10 +104,15 @@ class Inference:
         loop = asyncio.get_running_loop()
         start = time.monotonic()
         jobs = []
-        for upload in uploads:
-            # copy_context: the decode thread logs with this request's id (STYLE.md §5)
-            call = functools.partial(contextvars.copy_context().run, self._decode_one, upload)
-            jobs.append(loop.run_in_executor(self._executor, call))
+        try:
+            for upload in uploads:
+                # copy_context: the decode thread logs with this request's id (STYLE.md §5)
+                call = functools.partial(contextvars.copy_context().run, self._decode_one, upload)
+                jobs.append(loop.run_in_executor(self._executor, call))
+        except ServiceError:  # a full decode pool refused a file: drop this request's other files too
+            for job in jobs:
+                job.cancel()
+            raise
         try:  # stop waiting at the deadline; cancelling drops the jobs that have not started
             decoded = await asyncio.wait_for(asyncio.gather(*jobs), timeout=max(0.0, deadline - time.monotonic()))
         except asyncio.TimeoutError:

@@ -264,3 +264,23 @@ def test_a_full_decode_pool_is_429(make_client, monkeypatch) -> None:
         assert metric(client, "eat_rejections_total", 'reason="decode_queue_full"') == 1
     assert refused.status_code == 429 and refused.json()["error_type"] == "overloaded"
     assert int(refused.headers["retry-after"]) >= 1
+
+
+def test_a_request_refused_by_the_decode_pool_drops_its_other_files(make_client, monkeypatch) -> None:
+    """Three files, one decode thread, room for two jobs: files 1 and 2 are queued, file 3 is refused.
+    The 429 takes file 2 out of the pool too: it never runs (file 1 may have started; it is held at the
+    gate until the answer is in, so file 2 cannot start before it is cancelled)."""
+    decode = GatedDecode(monkeypatch)
+    calls: list[str] = []
+    gated = service.inference.prepare
+    monkeypatch.setattr(service.inference, "prepare", lambda data, **kw: calls.append(kw["name"]) or gated(data, **kw))
+    files = [("file", (f"{i}.wav", wav_bytes(0.3))) for i in range(3)]
+    with make_client(decode_threads=1, decode_queue_size=2) as client:
+        response = client.post("/predict", files=files)
+        decode.gate.set()
+        pool = client.app.state.eat.decode_pool
+        pool.shutdown(wait=True)
+        assert pool.held == 0
+        assert metric(client, "eat_rejections_total", 'reason="decode_queue_full"') == 1
+    assert response.status_code == 429 and response.json()["error_type"] == "overloaded"
+    assert calls in ([], ["0.wav"])

@@ -27,6 +27,7 @@ under the same name: no row is ever written twice. Errors are written before the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -38,7 +39,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 from tqdm import tqdm
@@ -47,6 +48,9 @@ from eat.audio import AudioError
 from eat.contract import GRANULARITIES, Granularity, ModelInfo, Windows, outputs_for, pool, sigmoid
 from eat.predictor import DEFAULT_TOP_K, MODES, Mode, Predictor, prepare, top_tags
 from eat.sources import Source, read_bytes
+
+if TYPE_CHECKING:
+    from eat.bulk_ray import RayOptions
 
 logger = logging.getLogger(__name__)
 
@@ -312,7 +316,7 @@ def run_bulk(
     out: str | os.PathLike[str],
     *,
     engine: EngineName = "local",
-    ray_options: object | None = None,
+    ray_options: RayOptions | None = None,
     open_predictor: OpenPredictor | None = None,
     progress: bool = True,
 ) -> BulkSummary:
@@ -327,6 +331,7 @@ def run_bulk(
     summary = BulkSummary(out=out, files=len(sources),
                           done_before=sum(len(s.files) for s in shards if s.index in done))
     started = time.perf_counter()
+    runner: ShardRunner | None = None
     if engine == "local":
         runner = ShardRunner(spec, str(out), opener)
         info, hop = runner.predictor.info, runner.predictor.hop_samples
@@ -334,7 +339,7 @@ def run_bulk(
     else:
         from eat.bulk_ray import RayOptions, run_ray
 
-        options = ray_options if isinstance(ray_options, RayOptions) else RayOptions()
+        options = ray_options or RayOptions()
         if open_predictor is None and options.gpus_per_actor:  # a GPU was asked for: fail loudly without one
             opener = dataclasses.replace(spec, provider="cuda").open_predictor
         # the driver reads the model's geometry on CPU; the actors open their own sessions
@@ -345,7 +350,9 @@ def run_bulk(
                           options=options)
     bar = tqdm(total=len(sources), initial=summary.done_before, unit="clip", desc=f"eat {spec.task} ({engine})",
                disable=not progress, file=sys.stderr, smoothing=0.1)
-    with bar, open(out / "_done.jsonl", "a", encoding="utf-8") as log:
+    with bar, open(out / "_done.jsonl", "a", encoding="utf-8") as log, contextlib.ExitStack() as stack:
+        if runner is not None:
+            stack.callback(runner.predictor.close)
         for row in results:
             log.write(json.dumps({k: round(float(v), 3) if k == "seconds" else int(v) for k, v in row.items()}) + "\n")
             log.flush()

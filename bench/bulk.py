@@ -178,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
                 "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "machine": platform.machine(),
                 "cpu_count": os.cpu_count(),
-                "shared_machine": "yes: other jobs may run beside the benchmark; best of the repeats kept",
+                "shared_machine": "yes: other jobs may run beside the benchmark; "
+                                  "the summary uses the median of interleaved runs",
                 "model_path": str(model),
                 "model_name": model_name,
                 "clips": args.clips,

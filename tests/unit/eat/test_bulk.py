@@ -146,7 +146,8 @@ def test_a_folder_of_another_job_is_refused(model, clips, tmp_path) -> None:
 
 
 def test_uri_sources_through_fsspec(model, clips, tmp_path) -> None:
-    fsspec = pytest.importorskip("fsspec")
+    import fsspec  # a dependency of ray[data], so the bulk extra has it
+
     memory = fsspec.filesystem("memory")
     names = ["g0/clip000.wav", "g1/clip001.wav"]
     for name in names:

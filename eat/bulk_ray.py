@@ -72,7 +72,10 @@ def run_ray(
     ray = _import_ray()
     started_here = not ray.is_initialized()
     if started_here:
-        ray.init(address=options.address, include_dashboard=False, log_to_driver=False)
+        try:
+            ray.init(address=options.address, include_dashboard=False, log_to_driver=False)
+        except ConnectionError as err:  # --address names a cluster that is not there
+            raise ValueError(f"cannot join the Ray cluster at {options.address}: {err}") from None
     try:
         if not shards:
             return

@@ -162,6 +162,23 @@ def test_uri_sources_through_fsspec(model, clips, tmp_path) -> None:
     np.testing.assert_array_equal(np.stack(got["embedding"].tolist()), np.stack(want["embedding"].tolist()))
 
 
+def test_manifests_and_several_sources(clips, tmp_path) -> None:
+    manifest = tmp_path / "train.tsv"
+    manifest.write_text(f"{clips}\ng0/clip000.wav\t16000\ng1/clip001.wav\t16000\n")
+    assert [(s.uri, s.rel) for s in list_sources([str(manifest)])] == [
+        (str(clips / "g0/clip000.wav"), "g0/clip000.wav"), (str(clips / "g1/clip001.wav"), "g1/clip001.wav")]
+    # the same file name under two roots: each source's files get its position as a prefix
+    both = list_sources([str(clips / "g0"), str(clips / "g0")])
+    assert both[0].rel == "0/clip000.wav" and both[len(both) // 2].rel == "1/clip000.wav"
+
+
+def test_commands_refuse_ray_without_parquet(model, clips, tmp_path, capsys) -> None:
+    assert main(["predict", str(clips), "--model", str(model), "--engine", "ray"]) == 2
+    assert "--engine ray needs --out" in capsys.readouterr().err
+    assert main(["extract", str(clips), str(tmp_path / "npy"), "--model", str(model), "--engine", "ray"]) == 2
+    assert "give an OUT ending in .parquet" in capsys.readouterr().err
+
+
 def test_a_shard_split_across_batches_is_refused(model, clips) -> None:
     spec = _spec(model)
     runner = ShardRunner(spec, "unused", spec.open_predictor)

@@ -268,7 +268,7 @@ class BulkSummary:
     windows: int = 0
     seconds: float = 0.0
     errors_total: int = 0  # rows of the errors table, all runs
-    failures: list[tuple[str, str]] = field(default_factory=list)  # (path, reason), this run, first few
+    failures: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): the last 10 of the table
 
     @property
     def clips_per_s(self) -> float:

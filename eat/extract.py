@@ -4,10 +4,12 @@ Granularities (``eat.contract.pool``): ``all`` [1+N, D], ``frame`` [N, D] (the o
 tokens, time-major), ``utterance`` [D] (CLS), ``mean`` [D], ``time`` [T, D] (one row per 160 ms).
 
 Outputs: a folder gets one ``.npy`` per clip, mirroring the input tree (``a/b.wav`` -> ``OUT/a/b.npy``);
-``OUT.npz`` or ``OUT.parquet`` get one file keyed by the clip's relative path. Every clip is written
+``OUT.npz`` gets one file keyed by the clip's relative path; ``OUT.parquet`` is a sharded Parquet dataset
+(a folder: one row per window, errors table, resumable; ``eat.bulk``), with ``--engine local`` (default)
+or ``--engine ray``. Every clip is written
 atomically (a temporary name, then a rename), so a killed run leaves only whole files, and a rerun
-skips what is already there: for ``.npz``/``.parquet`` the clips gather in ``OUT.parts/`` and are packed
-into the single file at the end. A clip that cannot be decoded is reported and skipped; the others are
+skips what is already there: for ``.npz`` the clips gather in ``OUT.parts/`` and are packed into the
+single file at the end. A clip that cannot be decoded is reported and skipped; the others are
 still written, and the exit status is 1.
 """
 
@@ -29,9 +31,11 @@ import numpy as np
 from tqdm import tqdm
 
 from eat.audio import AudioError
+from eat.bulk import add_engine_arguments, run_from_args
 from eat.contract import GRANULARITIES, Granularity
 from eat.inputs import Input, add_model_arguments, list_inputs, open_predictor
 from eat.predictor import Mode, Predictor
+from eat.sources import list_sources
 
 logger = logging.getLogger(__name__)
 Layout = Literal["npy", "npz", "parquet"]
@@ -160,9 +164,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "all: [1+N, D]; mean: [D]; time: [T, D], one row per 160 ms")
     add_model_arguments(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_engine_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
+    if layout_of(Path(args.out)) == "parquet":  # the bulk pipeline: local or Ray, sharded and resumable
+        return run_from_args(args, task="embed", sources=list_sources([args.input]), out=args.out,
+                             granularity=args.granularity)
+    if args.engine != "local":
+        raise ValueError("--engine ray writes Parquet: give an OUT ending in .parquet")
     inputs = list_inputs(args.input)
     if not inputs:
         raise ValueError(f"no audio files in {args.input}")

@@ -13,8 +13,10 @@ import json
 import sys
 
 from eat.audio import AudioError
+from eat.bulk import add_engine_arguments, run_from_args
 from eat.inputs import add_model_arguments, list_inputs, open_predictor
 from eat.predictor import DEFAULT_TOP_K, Prediction, Tag
+from eat.sources import list_sources
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,6 +28,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds between windows in windows mode (default: the window, no overlap)")
     parser.add_argument("--timeline", action="store_true", help="also show each window's labels")
     parser.add_argument("--json", action="store_true", help="print JSON (one object per file) instead of tables")
+    parser.add_argument("--out", default=None,
+                        help="write each window's top tags to this Parquet dataset (a folder, resumable) instead")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (with --out)")
+    add_engine_arguments(parser)
 
 
 def _row(rank: int, tag: Tag) -> str:
@@ -58,6 +64,11 @@ def as_json(p: Prediction, *, top_k: int, threshold: float | None, timeline: boo
 def run(args: argparse.Namespace) -> int:
     if args.top_k < 1:
         raise ValueError("--top-k must be at least 1")
+    if args.out is not None:
+        return run_from_args(args, task="predict", sources=list_sources(args.files), out=args.out,
+                             top_k=args.top_k, hop_seconds=args.hop)
+    if args.engine != "local":
+        raise ValueError("--engine ray needs --out results.parquet")
     inputs = [item for source in args.files for item in list_inputs(source)]
     if not inputs:
         raise ValueError(f"no audio files in {' '.join(args.files)}")

@@ -98,9 +98,14 @@ def extract(
     mode: Mode = "windows",
     progress: bool = True,
 ) -> ExtractSummary:
-    """Embed every input into ``out`` (a folder, ``.npz`` or ``.parquet``), skipping what is already there."""
+    """Embed every input into ``out`` (a folder or a ``.npz``), skipping what is already there.
+
+    Parquet datasets are ``eat.bulk``'s (sharded, per window, local or on Ray).
+    """
     out = Path(out)
     layout = layout_of(out)
+    if layout == "parquet":
+        raise ValueError("Parquet output is written by eat.bulk (eat extract ... OUT.parquet)")
     _check_names(inputs)
     parts = out if layout == "npy" else out.with_name(out.name + ".parts")
     summary = ExtractSummary(out=out)
@@ -126,31 +131,16 @@ def extract(
             bar.update(1)
     summary.seconds = time.perf_counter() - started
     if layout != "npy" and not summary.failed:
-        pack(parts, out, [item.rel for item in inputs], layout, granularity)
+        pack(parts, out, [item.rel for item in inputs])
         shutil.rmtree(parts)
     return summary
 
 
-def pack(parts: Path, out: Path, rels: list[str], layout: Layout, granularity: str) -> None:
-    """Gather the per-clip ``.npy`` parts into one ``.npz`` (keys: relative paths) or Parquet table."""
+def pack(parts: Path, out: Path, rels: list[str]) -> None:
+    """Gather the per-clip ``.npy`` parts into one ``.npz``, keyed by the clips' relative paths."""
     arrays = {rel: np.load(parts / npy_name(rel)) for rel in rels}
-    with atomic_file(out) as tmp:
-        if layout == "npz":
-            with open(tmp, "wb") as f:
-                np.savez(f, **arrays)
-            return
-        try:
-            import pyarrow as pa
-            import pyarrow.parquet as pq
-        except ImportError:
-            raise ValueError("Parquet output needs pyarrow: pip install 'eat-audio[bulk]'") from None
-        table = pa.table({
-            "path": list(arrays),
-            "granularity": [granularity] * len(arrays),
-            "shape": [list(a.shape) for a in arrays.values()],
-            "embedding": [a.ravel() for a in arrays.values()],
-        })
-        pq.write_table(table, tmp)
+    with atomic_file(out) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)
 
 
 # ----------------------------------------------------------------------------------------- the command

@@ -96,13 +96,14 @@ def test_layouts_hold_the_same_arrays(ten_second_onnx, folder, tmp_path):
     assert _eat("extract", folder, tmp_path / "all.parquet", "--model", ten_second_onnx, "--granularity", "time",
                 "--no-progress") == 0
     npz = np.load(tmp_path / "all.npz")
-    table = pq.read_table(tmp_path / "all.parquet").to_pylist()
-    assert sorted(npz.files) == [r["path"] for r in table] == sorted(i.rel for i in list_inputs(folder))
-    assert not (tmp_path / "all.npz.parts").exists() and not (tmp_path / "all.parquet.parts").exists()
-    for row in table:
-        from_npy = np.load(tmp_path / "npy" / Path(row["path"]).with_suffix(".npy"))
+    table = pq.read_table(tmp_path / "all.parquet").to_pylist()  # a sharded dataset: one row per window
+    assert sorted(npz.files) == sorted(r["file_id"] for r in table) == sorted(i.rel for i in list_inputs(folder))
+    assert not (tmp_path / "all.npz.parts").exists()
+    for row in table:  # each 0.5 s clip is one window, so its row holds the clip's array
+        from_npy = np.load(tmp_path / "npy" / Path(row["file_id"]).with_suffix(".npy"))
+        assert row["window"] == 0
         assert from_npy.shape == (3, 64) == tuple(row["shape"])  # 0.5 s = 48 frames = 3 rows of 160 ms
-        np.testing.assert_array_equal(from_npy, npz[row["path"]])
+        np.testing.assert_array_equal(from_npy, npz[row["file_id"]])
         np.testing.assert_array_equal(from_npy.ravel(), np.asarray(row["embedding"], np.float32))
 
 

@@ -58,11 +58,12 @@ def quantizable_matmuls(encoder: onnx.ModelProto) -> list[str]:
 
 
 class _DropAdvice(logging.Filter):
-    """The quantiser logs "Please consider to run pre-processing" on the root logger for every model;
-    the shape inference it advises changes nothing for a graph the dynamo exporter already typed."""
+    """The quantiser logs on the root logger: one INFO line per tensor it leaves alone, and a warning
+    to "run pre-processing" for every model, whose shape inference changes nothing for a graph the
+    dynamo exporter already typed. Both are dropped while it runs; other warnings pass."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "pre-processing before quantization" not in record.getMessage()
+        return record.levelno >= logging.WARNING and "pre-processing before quantization" not in record.getMessage()
 
 
 @contextlib.contextmanager

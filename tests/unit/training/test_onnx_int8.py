@@ -109,9 +109,11 @@ def test_only_the_encoders_weight_matmuls_are_quantised(int8_cli_export, tmp_pat
     assert _ops(int8, "encoder/")["MatMulInteger"] == 4 * DEPTH
     # the front end is the fp32 file's, node for node (its DFT MatMuls stay float64)
     assert _ops(int8, "frontend/") == _ops(fp32, "frontend/")
-    # norms, softmax, GELU and the patch embedding keep their float32 ops
-    for op in ("LayerNormalization", "Softmax", "Erf", "Conv"):
+    # norms, softmax and the patch embedding keep their float32 ops; GELU is fused with its bias, in float32
+    for op in ("LayerNormalization", "Softmax", "Conv"):
         assert _ops(int8, "encoder/")[op] == _ops(fp32, "encoder/")[op] > 0, op
+    assert _ops(fp32, "encoder/")["Erf"] == DEPTH and _ops(int8, "encoder/")["Erf"] == 0
+    assert _ops(int8, "encoder/")["BiasGelu"] == DEPTH
     # the attention products stay float MatMuls; the quantiser rewrites the head's Gemm as MatMul + Add
     assert _ops(fp32, "encoder/")["Gemm"] == 1 and _ops(int8, "encoder/")["Gemm"] == 0
     assert _ops(int8, "encoder/")["MatMul"] == _ops(fp32, "encoder/")["MatMul"] - 4 * DEPTH + 1
@@ -127,6 +129,7 @@ def test_cli_writes_int8_metadata_and_reports_agreement(int8_cli_export, fronten
     path, printed = int8_cli_export
     meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
     assert meta["eat.precision"] == "int8"
+    assert json.loads(meta["eat.fusions"]) == {"BiasGelu": DEPTH}
     assert meta["eat.model_name"] == "int8-tiny"
     assert meta["eat.window_samples"] == str(WINDOW_SAMPLES) and meta["eat.target_frames"] == "208"
     assert float(meta["eat.norm_mean"]) == frontend.norm_mean

@@ -19,6 +19,7 @@ import torch
 from model.checkpoints import save_checkpoint
 from model.classifier import EATClassifier
 from model.config import FrontendConfig, Label, tiny
+from model.encoder import Encoder
 from model.frontend import LogMelFrontend
 from service.engine import OnnxEngine
 from training import cli, export, onnx_int8
@@ -264,3 +265,14 @@ def test_top_k_agreement_counts_rows_with_the_same_class_set():
     assert onnx_int8.top_k_agreement(got, want, 5) == pytest.approx(2 / 3)
     assert onnx_int8.top_k_agreement(want, want, 5) == 1.0
     assert onnx_int8.top_k_agreement(got[:, :3], want[:, :3], 5) == 1.0  # k capped at the class count
+
+
+def test_headless_encoder_exports_in_int8(tmp_path):
+    torch.manual_seed(4)
+    encoder = Encoder(tiny(embed_dim=64, depth=DEPTH, num_heads=2, num_classes=0, decoder_dim=64)).eval()
+    encoder.init_weights()
+    report = export_onnx(encoder, tmp_path / "enc.onnx", int8=True, window_seconds=1.0, target_frames=112)
+    assert report.outputs == ("embedding", "tokens") and report.precision == "int8"
+    assert report.top5_agree is None and report.top5_agreement is None
+    assert all(0 < d <= report.tolerance[name] for name, d in report.max_abs_diff.items())
+    assert onnx_int8.count_int8_matmuls(onnx.load(str(report.path))) == 4 * DEPTH

@@ -110,16 +110,19 @@ def test_only_the_encoders_weight_matmuls_are_quantised(int8_cli_export, tmp_pat
     assert _ops(int8, "encoder/")["MatMulInteger"] == 4 * DEPTH
     # the front end is the fp32 file's, node for node (its DFT MatMuls stay float64)
     assert _ops(int8, "frontend/") == _ops(fp32, "frontend/")
-    # norms, softmax and the patch embedding keep their float32 ops; GELU is fused with its bias, in float32
-    for op in ("LayerNormalization", "Softmax", "Conv"):
-        assert _ops(int8, "encoder/")[op] == _ops(fp32, "encoder/")[op] > 0, op
-    assert _ops(fp32, "encoder/")["Erf"] == DEPTH and _ops(int8, "encoder/")["Erf"] == 0
-    assert _ops(int8, "encoder/")["BiasGelu"] == DEPTH
-    # the attention products stay float MatMuls; the quantiser rewrites the head's Gemm as MatMul + Add
-    assert _ops(fp32, "encoder/")["Gemm"] == 1 and _ops(int8, "encoder/")["Gemm"] == 0
-    assert _ops(int8, "encoder/")["MatMul"] == _ops(fp32, "encoder/")["MatMul"] - 4 * DEPTH + 1
+    # the fp16 path's fusions, in float32: attention (Q·Kᵀ, softmax, attention·V), skip-LayerNorm, bias-GELU
+    ops = _ops(int8, "encoder/")
+    assert (ops["MultiHeadAttention"], ops["SkipLayerNormalization"], ops["BiasGelu"]) == (DEPTH, 2 * DEPTH, DEPTH)
+    assert ops["Softmax"] == ops["Erf"] == 0 < _ops(fp32, "encoder/")["Softmax"]
+    assert ops["Conv"] == _ops(fp32, "encoder/")["Conv"] == 1  # the patch embedding
+    # the classifier head stays a float MatMul, the only one left in the encoder
+    producers = {out: node for node in int8.graph.node for out in node.output}
+    head = producers["logits"]
+    while head.op_type == "Add":
+        head = next(producers[name] for name in head.input if name in producers)
     dtypes = {init.name: init.data_type for init in int8.graph.initializer}
-    assert dtypes["encoder/classifier.head.weight_Transposed"] == onnx.TensorProto.FLOAT
+    assert head.op_type == "MatMul" and dtypes[head.input[1]] == onnx.TensorProto.FLOAT
+    assert ops["MatMul"] == 1
     int8_weights = [n for n, dtype in dtypes.items() if dtype == onnx.TensorProto.INT8 and "zero_point" not in n]
     assert len(int8_weights) == 4 * DEPTH
     # inputs and outputs keep the contract's types
@@ -130,7 +133,11 @@ def test_cli_writes_int8_metadata_and_reports_agreement(int8_cli_export, fronten
     path, printed = int8_cli_export
     meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
     assert meta["eat.precision"] == "int8"
-    assert json.loads(meta["eat.fusions"]) == {"BiasGelu": DEPTH}
+    assert json.loads(meta["eat.fusions"]) == {
+        "BiasGelu": DEPTH,
+        "MultiHeadAttention": DEPTH,
+        "SkipLayerNormalization": 2 * DEPTH,
+    }
     assert meta["eat.model_name"] == "int8-tiny"
     assert meta["eat.window_samples"] == str(WINDOW_SAMPLES) and meta["eat.target_frames"] == "208"
     assert float(meta["eat.norm_mean"]) == frontend.norm_mean
@@ -276,3 +283,26 @@ def test_headless_encoder_exports_in_int8(tmp_path):
     assert report.top5_agree is None and report.top5_agreement is None
     assert all(0 < d <= report.tolerance[name] for name, d in report.max_abs_diff.items())
     assert onnx_int8.count_int8_matmuls(onnx.load(str(report.path))) == 4 * DEPTH
+
+
+def test_quantizable_matmuls_skip_activation_products_and_the_head():
+    from onnx import TensorProto, helper, numpy_helper
+
+    def weight(name: str, dtype=np.float32):
+        return numpy_helper.from_array(np.ones((4, 4), dtype=dtype), name)
+
+    nodes = [
+        helper.make_node("MatMul", ["x", "w_block"], ["h"], name="block"),
+        helper.make_node("MatMul", ["h", "x"], ["scores"], name="scores"),  # both operands are activations
+        helper.make_node("MatMul", ["scores", "w_dft"], ["spec"], name="dft"),  # a float64 weight
+        helper.make_node("MatMul", ["h", "w_head"], ["pre"], name="head"),
+        helper.make_node("Add", ["pre", "b_head"], ["logits"], name="bias"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 4])],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, [4, 4]) for n in ("logits", "spec")],
+        initializer=[weight("w_block"), weight("w_head"), weight("w_dft", np.float64), weight("b_head")],
+    )
+    assert onnx_int8.quantizable_matmuls(helper.make_model(graph)) == ["block"]

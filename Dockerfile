@@ -29,6 +29,7 @@ RUN python -m venv /opt/venv \
 FROM base AS source
 WORKDIR /src
 COPY pyproject.toml README.md ./
+COPY eat/ eat/
 COPY model/ model/
 COPY training/ training/
 COPY service/ service/

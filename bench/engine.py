@@ -37,7 +37,8 @@ import torch
 from model.classifier import EATClassifier
 from model.config import FrontendConfig, preset
 from model.frontend import LogMelFrontend
-from training.export import ClassifierHeads, ExportReport, WaveformModel, export_onnx
+from model.pipeline import ClassifierHeads, WaveformModel
+from training.export import ExportReport, export_onnx
 
 log = logging.getLogger("bench.engine")
 

@@ -8,8 +8,10 @@ with checkpoints and ONNX metadata, not with the network (see STYLE.md §1).
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
+
+from eat.contract import MAX_TIME_PATCHES, PATCH_FRAMES, SAMPLE_RATE, Label, window_samples_for
 
 # eat-reference.md §1.4: (mean, std) of the log-mel, applied as (x - mean) / (2 * std).
 NORM_STATS: dict[str, tuple[float, float]] = {
@@ -23,18 +25,18 @@ NORM_STATS: dict[str, tuple[float, float]] = {
 class FrontendConfig:
     """16 kHz waveform -> Kaldi log-mel -> fixed number of frames -> normalised (reference §1)."""
 
-    sample_rate: int = 16_000
+    sample_rate: int = SAMPLE_RATE
     num_mel_bins: int = 128
     target_frames: int = 1024  # 10.24 s at a 10 ms hop; must be a multiple of the patch size
     norm_mean: float = NORM_STATS["audioset"][0]
     norm_std: float = NORM_STATS["audioset"][1]
 
     def __post_init__(self) -> None:
-        if self.sample_rate != 16_000:
+        if self.sample_rate != SAMPLE_RATE:
             raise ValueError("EAT's front end is defined for 16 kHz audio only; resample first")
-        if self.target_frames <= 0 or self.target_frames % 16:
+        if self.target_frames <= 0 or self.target_frames % PATCH_FRAMES:
             raise ValueError(f"target_frames must be a positive multiple of 16, got {self.target_frames}")
-        if self.target_frames > 768 * 16:
+        if self.target_frames > MAX_TIME_PATCHES * PATCH_FRAMES:
             raise ValueError(f"target_frames {self.target_frames} exceeds EAT's 12288-frame limit")
         if self.norm_std <= 0:
             raise ValueError("norm_std must be positive")
@@ -47,7 +49,7 @@ class FrontendConfig:
     @property
     def window_samples(self) -> int:
         """Samples of audio that fill ``target_frames`` exactly (snip-edges framing, §1.2)."""
-        return 400 + 160 * (self.target_frames - 1)
+        return window_samples_for(self.target_frames)
 
 
 @dataclass(frozen=True)
@@ -148,10 +150,4 @@ def large(**overrides: Any) -> EATConfig:
     return preset("large", **overrides)
 
 
-@dataclass(frozen=True)
-class Label:
-    """One output class: its row in the logits, its dataset key (AudioSet mid) and display name."""
-
-    index: int
-    id: str
-    display_name: str = field(default="")
+__all__ = ["EATConfig", "FrontendConfig", "Label", "preset"]  # Label lives in the contract (eat.contract)

@@ -37,11 +37,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from eat.contract import FRAME_LENGTH_SAMPLES as WINDOW_SAMPLES
+from eat.contract import FRAME_SHIFT_SAMPLES as HOP_SAMPLES
+from eat.contract import SAMPLE_RATE as SAMPLE_RATE_HZ
+from eat.contract import num_frames as _num_frames
 from model.config import FrontendConfig
 
-SAMPLE_RATE_HZ = 16_000
-WINDOW_SAMPLES = 400  # 25 ms
-HOP_SAMPLES = 160  # 10 ms
 FFT_SIZE = 512  # next power of two above the window (Kaldi's round_to_power_of_two)
 NUM_FFT_BINS = FFT_SIZE // 2 + 1  # 257
 PREEMPHASIS = 0.97
@@ -59,10 +60,10 @@ def num_frames(num_samples: Tensor | int) -> Tensor | int:
     Written as ``(max(n, 240) - 240) // 160`` so the integer division never sees a negative number
     (ONNX integer ``Div`` truncates where torch floors).
     """
-    offset = WINDOW_SAMPLES - HOP_SAMPLES
     if isinstance(num_samples, Tensor):
+        offset = WINDOW_SAMPLES - HOP_SAMPLES
         return (num_samples.clamp(min=offset) - offset) // HOP_SAMPLES
-    return max(int(num_samples) - offset, 0) // HOP_SAMPLES
+    return int(_num_frames(int(num_samples)))
 
 
 def kaldi_mel_banks(

@@ -3,7 +3,8 @@
 ``create_app(settings, engine=None)`` assembles the app. Its lifespan opens the engine (unless one
 is injected, as tests do with a fake), warms it up, starts the batcher, and on exit drains the
 batcher and closes the engine. All errors go through one handler that maps ``ServiceError`` to its
-status, counts the rejection and adds ``Retry-After`` where it applies.
+status, counts the rejection and adds ``Retry-After`` where it applies. Admission (the concurrency
+cap, checked before a body is read) and the request deadline live in ``service.admission``.
 """
 
 from __future__ import annotations
@@ -12,9 +13,7 @@ import asyncio
 import io
 import logging
 import math
-import time
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Annotated, Literal
@@ -26,20 +25,28 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from eat.contract import ModelInfo, hop_samples_for
+from eat.engine import Engine, OnnxEngine
+from eat.predictor import Embedding, Prediction
+from service.admission import Admission
 from service.batcher import Batcher
-from service.engine import Engine, ModelInfo, OnnxEngine
+from service.decode_pool import BoundedPool
 from service.errors import Draining, NoClassifier, NotAcceptable, ServiceError, Unauthorized
-from service.inference import Inference, StageTimings, hop_samples_for
+from service.inference import Inference, Pooling, StageTimings
 from service.metrics import Metrics
 from service.middleware import RequestContext
 from service.schemas import (
     EmbedResponse,
+    EmbedResult,
     ErrorBody,
     Health,
     LabelOut,
     LabelsResponse,
     ModelResponse,
     PredictResponse,
+    PredictResult,
+    Tag,
+    WindowTags,
 )
 from service.settings import Settings
 from service.uploads import read_uploads, watch_disconnect
@@ -75,14 +82,15 @@ class ServiceState:
     engine: Engine | None = None
     inference: Inference | None = None
     batcher: Batcher | None = None
+    decode_pool: BoundedPool | None = None
     ready: bool = False
     draining: bool = False
 
-    def running(self) -> Inference:
-        """The inference pipeline, for new work: refused while draining."""
-        if self.draining or self.inference is None:
+    def running(self) -> tuple[Inference, BoundedPool]:
+        """The inference pipeline and the decode pool, for new work: refused while draining."""
+        if self.draining or self.inference is None or self.decode_pool is None:
             raise Draining("the server is not accepting work (starting or shutting down)")
-        return self.inference
+        return self.inference, self.decode_pool
 
     def model(self) -> ModelInfo:
         """The model's metadata, answered also while draining."""
@@ -110,8 +118,9 @@ def _require_key(request: Request, state: StateDep) -> None:
 AuthDep = Depends(_require_key)
 
 
-def _deadline(state: ServiceState) -> float:
-    return time.monotonic() + state.settings.request_timeout_s
+def _deadline(request: Request) -> float:
+    """Set by ``Admission`` at the request's arrival: the body, decode, queue and engine all count."""
+    return request.scope["state"]["deadline"]
 
 
 def _timings(request: Request) -> StageTimings:
@@ -127,24 +136,26 @@ async def predict(
     timeline: Annotated[bool, Query(description="add per-window tags (start_s, end_s)")] = False,
 ) -> PredictResponse:
     """Tag audio: clip scores are the max over the model's windows; `timeline=true` adds each window."""
-    inference = state.running()
-    deadline = _deadline(state)
+    inference, pool = state.running()
+    deadline = _deadline(request)
     if not inference.info.has_classifier:  # refuse before reading a large body
         raise NoClassifier("this model has no classifier head; use /embed for embeddings")
     uploads = await read_uploads(
-        request, max_upload_bytes=state.settings.max_upload_bytes, max_files=state.settings.max_files
+        request,
+        max_upload_bytes=state.settings.max_upload_bytes,
+        max_files=state.settings.max_files,
+        parse_pool=pool,
+        deadline=deadline,
     )
     async with watch_disconnect(request) as gone:
-        results = await inference.predict(
+        predictions = await inference.predict(
             uploads,
-            top_k=top_k,
-            threshold=threshold,
-            timeline=timeline,
             deadline=deadline,
             timings=_timings(request),
             disconnected=gone,
         )
     response.headers.update(_timings(request).headers())
+    results = [predict_result(p, top_k=top_k, threshold=threshold, timeline=timeline) for p in predictions]
     return PredictResponse(model=inference.info.model_name, results=results)
 
 
@@ -152,36 +163,71 @@ async def embed(
     request: Request,
     response: Response,
     state: StateDep,
-    pooling: Annotated[Literal["cls", "mean", "time"], Query(description="cls | mean | time (per 160 ms)")] = "cls",
+    pooling: Annotated[
+        Pooling, Query(description="cls | mean | time (per 160 ms) | frame (all patch tokens) | all (CLS + frame)")
+    ] = "cls",
 ) -> EmbedResponse:
     """Embed audio. JSON by default; `Accept: application/x-npy` returns the array of a single file
     (float32 [D], or [T, D] for pooling=time); several files with that Accept are refused with 406."""
-    inference = state.running()
-    deadline = _deadline(state)
+    inference, pool = state.running()
+    deadline = _deadline(request)
     want_npy = NPY_TYPE in request.headers.get("accept", "")
     uploads = await read_uploads(
-        request, max_upload_bytes=state.settings.max_upload_bytes, max_files=state.settings.max_files
+        request,
+        max_upload_bytes=state.settings.max_upload_bytes,
+        max_files=state.settings.max_files,
+        parse_pool=pool,
+        deadline=deadline,
     )
     if want_npy and len(uploads) != 1:
         raise NotAcceptable(f"{NPY_TYPE} holds one array: send one file per request, or ask for JSON")
     async with watch_disconnect(request) as gone:
-        results = await inference.embed(
+        embeddings = await inference.embed(
             uploads, pooling=pooling, deadline=deadline, timings=_timings(request), disconnected=gone
         )
     headers = _timings(request).headers()
     if want_npy:
         buffer = io.BytesIO()
-        np.save(buffer, results[0][1].astype(np.float32), allow_pickle=False)
+        np.save(buffer, embeddings[0].vector, allow_pickle=False)
         return Response(buffer.getvalue(), media_type=NPY_TYPE, headers=headers)  # type: ignore[return-value]
     response.headers.update(headers)
-    return EmbedResponse(model=inference.info.model_name, results=[r for r, _ in results])
+    results = [embed_result(e, pooling) for e in embeddings]
+    return EmbedResponse(model=inference.info.model_name, results=results)
 
 
-def live() -> Health:
+def predict_result(p: Prediction, *, top_k: int, threshold: float | None, timeline: bool) -> PredictResult:
+    rows = None
+    if timeline:
+        rows = [WindowTags(start_s=w.start_s, end_s=w.end_s, tags=[Tag(**vars(t)) for t in w.tags])
+                for w in p.timeline(top_k, threshold)]
+    return PredictResult(
+        filename=p.name,
+        duration_s=p.duration_s,
+        num_windows=p.num_windows,
+        tags=[Tag(**vars(t)) for t in p.tags(top_k, threshold)],
+        timeline=rows,
+    )
+
+
+def embed_result(e: Embedding, pooling: Pooling) -> EmbedResult:
+    return EmbedResult(
+        filename=e.name,
+        duration_s=e.duration_s,
+        num_windows=e.num_windows,
+        pooling=pooling,
+        dim=int(e.vector.shape[-1]),
+        embedding=e.vector.tolist(),
+        time_step_s=e.time_step_s,
+    )
+
+
+# The health routes (and /metrics) are coroutines: they answer on the event loop with no hop to a
+# thread, which under load would queue them behind other threads' work for the GIL (issue 14).
+async def live() -> Health:
     return Health(status="ok")
 
 
-def ready(state: StateDep, response: Response) -> Health:
+async def ready(state: StateDep, response: Response) -> Health:
     """200 only after the warm-up inference and while the batcher is healthy; 503 when draining."""
     if state.draining:
         status: Literal["ok", "starting", "draining", "failed"] = "draining"
@@ -217,6 +263,7 @@ def model_info(state: StateDep) -> ModelResponse:
         batch_buckets=s.batch_buckets,
         max_delay_ms=s.max_delay_ms,
         queue_size=s.queue_size,
+        max_concurrent_requests=s.concurrency_limit,
         max_upload_bytes=s.max_upload_bytes,
         max_duration_s=s.max_duration_s,
         request_timeout_s=s.request_timeout_s,
@@ -232,7 +279,8 @@ def labels(state: StateDep) -> LabelsResponse:
     )
 
 
-def metrics(state: StateDep) -> Response:
+async def metrics(state: StateDep) -> Response:
+    """On the loop too: rendering the registry takes about a millisecond, less than a thread hop under load."""
     return Response(state.metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
@@ -309,7 +357,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         queue_size=s.queue_size,
         pad_to_bucket=info.provider == "cuda",  # on CPU a padded row costs a full row: cut down instead
     )
-    executor = ThreadPoolExecutor(s.decode_threads, thread_name_prefix="eat-decode")
+    executor = BoundedPool(num_threads=s.decode_threads, max_jobs=s.decode_pool_size, metrics=state.metrics)
+    state.decode_pool = executor
     state.inference = Inference(
         info=info,
         batcher=state.batcher,
@@ -384,5 +433,12 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
             allow_headers=["*"],
             expose_headers=["x-request-id", "x-total-time"],
         )
+    # Added last = outermost: RequestContext (ids, timing, access log) sees every answer, Admission's too.
+    app.add_middleware(
+        Admission,
+        metrics=state.metrics,
+        limit=settings.concurrency_limit,
+        request_timeout_s=settings.request_timeout_s,
+    )
     app.add_middleware(RequestContext, metrics=state.metrics)
     return app

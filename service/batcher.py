@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from service.engine import OUTPUT_NAMES, Engine
+from eat.contract import OUTPUT_NAMES
+from eat.engine import Engine
 from service.errors import AudioTooLong, DeadlineExceeded, Draining, EngineError, Overloaded, ServiceError
 from service.metrics import Metrics
 

@@ -5,9 +5,12 @@ Every error a request can meet is a ``ServiceError`` subclass that carries its H
 ``eat_rejections_total`` counts it. The app has a single exception handler that reads these fields, so
 no route picks a status code by itself.
 
-Status choices: bad input is 4xx (400/413/415/422); only a failing engine is 5xx. A full queue is 429
-with ``Retry-After``. A request whose deadline passes, or that arrives while the server drains, is 503
-with ``Retry-After``: the input was fine and a retry elsewhere or later should succeed.
+Status choices: bad input is 4xx (400/413/415/422); only a failing engine is 5xx. Overload is 429 with
+``Retry-After``, whichever bound refused the request (requests in flight, the decode pool, the batcher's
+queue); the reason label says which. A request whose deadline passes, or that arrives while the server
+drains, is 503: the input was fine and a retry elsewhere or later should succeed. We chose 503 over 504
+for the deadline because 504 says an *upstream* server failed to answer a gateway, and load balancers
+treat it so; here the service itself ran out of its own time budget, which is what 503 means.
 """
 
 from __future__ import annotations
@@ -88,7 +91,21 @@ class Overloaded(ServiceError):
     reason = "queue_full"
 
 
+class ConcurrencyLimit(Overloaded):
+    """``EAT_MAX_CONCURRENT_REQUESTS`` work requests are already in flight; refused before the body is read."""
+
+    reason = "concurrency_limit"
+
+
+class DecodeQueueFull(Overloaded):
+    """The decode pool's bounded queue (``EAT_DECODE_QUEUE_SIZE`` jobs) is full; the job was not queued."""
+
+    reason = "decode_queue_full"
+
+
 class DeadlineExceeded(ServiceError):
+    """``EAT_REQUEST_TIMEOUT_S`` passed, counted from the request's arrival; its work is dropped."""
+
     status = 503
     error_type = "deadline_exceeded"
     reason = "deadline"

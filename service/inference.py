@@ -1,9 +1,10 @@
 """A request's way through the service: uploads -> decode (thread pool) -> windows -> batcher -> answer.
 
-``Inference`` knows nothing of HTTP; routes hand it ``Upload`` objects and get result models back.
-All windows of one request (all its files) enter the batcher as one ticket, so admission is
-all-or-nothing. Aggregation is plain functions: clip scores are the max of the window scores, and
-embeddings are pooled over the valid (unpadded) part of each window only.
+``Inference`` is ``eat.Predictor``'s asynchronous, batched twin: the same ``prepare`` (decode and cut
+into windows) and the same aggregation (``prediction``, ``embedding``: clip score = max over windows,
+embeddings pooled over valid token rows), with the shared batcher in place of a direct engine call.
+It knows nothing of HTTP: routes hand it ``Upload`` objects and turn its dataclasses into schemas. All
+windows of one request (all its files) enter the batcher as one ticket, so admission is all-or-nothing.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
-import math
 import time
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -19,17 +19,15 @@ from typing import Literal
 
 import numpy as np
 
-from service.audio import SAMPLE_RATE, Audio, Windows, decode, to_windows
+from eat import audio
+from eat.contract import Granularity, ModelInfo, outputs_for
+from eat.predictor import Clip, Embedding, Prediction, embedding, prediction, prepare
 from service.batcher import Batcher
-from service.engine import Label, ModelInfo
-from service.errors import Cancelled, DeadlineExceeded, NoClassifier
+from service.errors import AudioTooLong, Cancelled, DeadlineExceeded, InvalidAudio, NoClassifier, ServiceError
 from service.metrics import Metrics
-from service.schemas import EmbedResult, PredictResult, Tag, WindowTags
 
-Pooling = Literal["cls", "mean", "time"]
-FRAME_SHIFT_SAMPLES = 160  # 10 ms at 16 kHz (Kaldi fbank framing, eat-reference.md §1.2)
-FRAME_LENGTH_SAMPLES = 400  # 25 ms
-PATCH_FRAMES = 16  # frames per time patch: one token row covers 160 ms
+# /embed's names: `cls` is the utterance (CLS) vector; the rest are eat.contract's granularities.
+Pooling = Literal["cls", "mean", "time", "frame", "all"]
 
 
 @dataclass
@@ -54,13 +52,6 @@ class StageTimings:
         }
 
 
-@dataclass(frozen=True)
-class _Decoded:
-    filename: str
-    audio: Audio
-    windows: Windows
-
-
 class Inference:
     def __init__(
         self,
@@ -83,21 +74,15 @@ class Inference:
         self,
         uploads: list[Upload],
         *,
-        top_k: int,
-        threshold: float | None,
-        timeline: bool,
         deadline: float,
         timings: StageTimings,
         disconnected: asyncio.Future | None = None,
-    ) -> list[PredictResult]:
+    ) -> list[Prediction]:
         if not self.info.has_classifier:
             raise NoClassifier("this model has no classifier head; use /embed")
-        decoded = await self._decode_all(uploads, deadline=deadline, timings=timings)
-        outputs = await self._infer(decoded, ("logits",), deadline=deadline, timings=timings, disconnected=disconnected)
-        return [
-            predict_result(d, out["logits"], self.info.labels, top_k=top_k, threshold=threshold, timeline=timeline)
-            for d, out in zip(decoded, outputs, strict=True)
-        ]
+        clips = await self._decode_all(uploads, deadline=deadline, timings=timings)
+        outputs = await self._infer(clips, ("logits",), deadline=deadline, timings=timings, disconnected=disconnected)
+        return [prediction(clip, out["logits"], self.info.labels) for clip, out in zip(clips, outputs, strict=True)]
 
     async def embed(
         self,
@@ -107,51 +92,50 @@ class Inference:
         deadline: float,
         timings: StageTimings,
         disconnected: asyncio.Future | None = None,
-    ) -> list[tuple[EmbedResult, np.ndarray]]:
-        """Returns each file's result model and its pooled array ([D] or [T, D]) for .npy answers."""
-        decoded = await self._decode_all(uploads, deadline=deadline, timings=timings)
-        wanted = ("embedding",) if pooling == "cls" else ("tokens",)
-        outputs = await self._infer(decoded, wanted, deadline=deadline, timings=timings, disconnected=disconnected)
-        results = []
-        for d, out in zip(decoded, outputs, strict=True):
-            pooled = pool_embedding(pooling, out, d.windows.num_samples, self.info)
-            result = EmbedResult(
-                filename=d.filename,
-                duration_s=round(d.audio.duration_s, 4),
-                num_windows=len(d.windows),
-                pooling=pooling,
-                dim=int(pooled.shape[-1]),
-                embedding=pooled.tolist(),
-                time_step_s=PATCH_FRAMES * FRAME_SHIFT_SAMPLES / SAMPLE_RATE if pooling == "time" else None,
-            )
-            results.append((result, pooled))
-        return results
+    ) -> list[Embedding]:
+        """Each file's embedding: ``[D]`` (cls, mean) or ``[rows, D]`` (time, frame, all)."""
+        granularity: Granularity = "utterance" if pooling == "cls" else pooling
+        clips = await self._decode_all(uploads, deadline=deadline, timings=timings)
+        wanted = outputs_for(granularity)
+        outputs = await self._infer(clips, wanted, deadline=deadline, timings=timings, disconnected=disconnected)
+        return [embedding(clip, out, self.info, granularity) for clip, out in zip(clips, outputs, strict=True)]
 
-    async def _decode_all(self, uploads: list[Upload], *, deadline: float, timings: StageTimings) -> list[_Decoded]:
+    async def _decode_all(self, uploads: list[Upload], *, deadline: float, timings: StageTimings) -> list[Clip]:
         loop = asyncio.get_running_loop()
         start = time.monotonic()
         jobs = []
-        for upload in uploads:
-            # copy_context: the decode thread logs with this request's id (STYLE.md §5)
-            call = functools.partial(contextvars.copy_context().run, self._decode_one, upload)
-            jobs.append(loop.run_in_executor(self._executor, call))
-        decoded = await asyncio.gather(*jobs)
+        try:
+            for upload in uploads:
+                # copy_context: the decode thread logs with this request's id (STYLE.md §5)
+                call = functools.partial(contextvars.copy_context().run, self._decode_one, upload)
+                jobs.append(loop.run_in_executor(self._executor, call))
+        except ServiceError:  # a full decode pool refused a file: drop this request's other files too
+            for job in jobs:
+                job.cancel()
+            raise
+        try:  # stop waiting at the deadline; cancelling drops the jobs that have not started
+            decoded = await asyncio.wait_for(asyncio.gather(*jobs), timeout=max(0.0, deadline - time.monotonic()))
+        except asyncio.TimeoutError:
+            raise DeadlineExceeded("the request's deadline passed while decoding") from None
         timings.decode_s = time.monotonic() - start
-        if time.monotonic() >= deadline:
-            raise DeadlineExceeded("the request's deadline passed while decoding")
         return list(decoded)
 
-    def _decode_one(self, upload: Upload) -> _Decoded:
+    def _decode_one(self, upload: Upload) -> Clip:
         start = time.monotonic()
-        audio = decode(upload.data, max_duration_s=self._max_duration_s)
-        windows = to_windows(audio.samples, window_samples=self.info.window_samples, hop_samples=self._hop_samples)
+        try:
+            clip = prepare(upload.data, info=self.info, hop_samples=self._hop_samples,
+                           max_duration_s=self._max_duration_s, name=upload.filename)
+        except audio.AudioTooLong as err:
+            raise AudioTooLong(str(err)) from None
+        except audio.AudioError as err:
+            raise InvalidAudio(str(err)) from None
         self._metrics.decode_duration.observe(time.monotonic() - start)
-        self._metrics.audio_seconds.inc(audio.duration_s)
-        return _Decoded(upload.filename, audio, windows)
+        self._metrics.audio_seconds.inc(clip.audio.duration_s)
+        return clip
 
     async def _infer(
         self,
-        decoded: list[_Decoded],
+        decoded: list[Clip],
         outputs: tuple[str, ...],
         *,
         deadline: float,
@@ -191,89 +175,3 @@ class Inference:
             per_file.append({name: ticket.results[name][rows] for name in outputs})
             offset = rows.stop
         return per_file
-
-
-def sigmoid(logits: np.ndarray) -> np.ndarray:
-    return np.exp(-np.logaddexp(0.0, -logits)).astype(np.float32)  # no overflow for large |logits|
-
-
-def top_tags(scores: np.ndarray, labels: tuple[Label, ...], *, top_k: int, threshold: float | None) -> list[Tag]:
-    """The ``top_k`` best classes of ``scores`` [C], best first, dropping those under ``threshold``."""
-    order = np.argsort(-scores, kind="stable")[:top_k]
-    return [
-        Tag(index=labels[i].index, id=labels[i].id, name=labels[i].display_name, score=round(float(scores[i]), 6))
-        for i in order
-        if threshold is None or scores[i] >= threshold
-    ]
-
-
-def predict_result(
-    decoded: _Decoded,
-    logits: np.ndarray,
-    labels: tuple[Label, ...],
-    *,
-    top_k: int,
-    threshold: float | None,
-    timeline: bool,
-) -> PredictResult:
-    scores = sigmoid(logits)  # [W, C]
-    windows = decoded.windows
-    rows = None
-    if timeline:
-        rows = [
-            WindowTags(
-                start_s=round(int(start) / SAMPLE_RATE, 4),
-                end_s=round(int(start + n) / SAMPLE_RATE, 4),
-                tags=top_tags(scores[w], labels, top_k=top_k, threshold=threshold),
-            )
-            for w, (start, n) in enumerate(zip(windows.starts, windows.num_samples, strict=True))
-        ]
-    return PredictResult(
-        filename=decoded.filename,
-        duration_s=round(decoded.audio.duration_s, 4),
-        num_windows=len(windows),
-        tags=top_tags(scores.max(axis=0), labels, top_k=top_k, threshold=threshold),  # clip = max over windows
-        timeline=rows,
-    )
-
-
-def valid_time_patches(num_samples: np.ndarray, time_patches: int) -> np.ndarray:
-    """Token rows per window that hold audio, not padding: ceil(frames / 16), at least 1."""
-    frames = np.where(
-        num_samples >= FRAME_LENGTH_SAMPLES, 1 + (num_samples - FRAME_LENGTH_SAMPLES) // FRAME_SHIFT_SAMPLES, 0
-    )
-    return np.clip(-(-frames // PATCH_FRAMES), 1, time_patches)
-
-
-def pool_embedding(
-    pooling: Pooling, outputs: dict[str, np.ndarray], num_samples: np.ndarray, info: ModelInfo
-) -> np.ndarray:
-    """cls: mean of the windows' CLS vectors [D]; mean: mean of all valid tokens [D];
-    time: per 160 ms row, tokens averaged over frequency, windows concatenated [T, D]."""
-    if pooling == "cls":
-        return outputs["embedding"].mean(axis=0)  # [W, D] -> [D]
-    tokens = outputs["tokens"]  # [W, N, D], time-major: token 8*t + f
-    num_windows, num_tokens, dim = tokens.shape
-    if num_tokens != info.time_patches * info.freq_patches:
-        raise AssertionError(
-            f"model gave {num_tokens} tokens, metadata promises {info.time_patches}x{info.freq_patches}"
-        )
-    grid = tokens.reshape(num_windows, info.time_patches, info.freq_patches, dim)  # [W, T, F, D]
-    valid = valid_time_patches(num_samples, info.time_patches)
-    rows = np.concatenate([grid[w, : valid[w]] for w in range(num_windows)])  # [sum T_valid, F, D]
-    if pooling == "mean":
-        return rows.mean(axis=(0, 1))
-    if pooling == "time":
-        return rows.mean(axis=1)
-    raise ValueError(f"unknown pooling {pooling!r}")
-
-
-def hop_samples_for(hop_seconds: float | None, window_samples: int) -> int:
-    """The window hop in samples; None = no overlap. A hop longer than the window would skip audio."""
-    if hop_seconds is None:
-        return window_samples
-    hop = math.ceil(hop_seconds * SAMPLE_RATE)
-    if hop > window_samples:
-        window_s = window_samples / SAMPLE_RATE
-        raise ValueError(f"EAT_HOP_SECONDS={hop_seconds} exceeds the model's window of {window_s} s")
-    return hop

@@ -30,6 +30,8 @@ BATCH_SIZE_BUCKETS: tuple[float, ...] = (1, 2, 4, 8, 16, 32, 64, 128)
 
 REJECTION_REASONS: tuple[str, ...] = (
     "queue_full",
+    "concurrency_limit",
+    "decode_queue_full",
     "deadline",
     "cancelled",
     "payload_too_large",
@@ -81,6 +83,14 @@ class Metrics:
         )
         self.queue_depth = Gauge("eat_queue_depth", "Windows waiting for the engine", registry=r)
         self.inflight = Gauge("eat_inflight_requests", "HTTP requests being handled", registry=r)
+        self.admitted = Gauge(
+            "eat_admitted_requests", "Work requests (/predict, /embed) holding an admission slot", registry=r
+        )
+        self.decode_pending = Gauge(
+            "eat_decode_pending",
+            "Jobs (a multipart parse or one file's decode) queued or running in the decode pool",
+            registry=r,
+        )
         self.audio_seconds = Counter("eat_audio_seconds_total", "Seconds of audio decoded", registry=r)
         self.rejections = Counter(
             "eat_rejections_total", "Requests refused or dropped, by reason", ["reason"], registry=r

@@ -37,12 +37,13 @@ class EmbedResult(BaseModel):
     filename: str
     duration_s: float
     num_windows: int
-    pooling: Literal["cls", "mean", "time"]
+    pooling: Literal["cls", "mean", "time", "frame", "all"]
     dim: int
     embedding: list[float] | list[list[float]] = Field(
-        description="[D] for cls/mean (averaged over windows); [T, D] for time, one row per time_step_s"
+        description="[D] for cls/mean (averaged over windows); [T, D] for time, one row per time_step_s; "
+        "[N, D] for frame (patch tokens, time-major, freq_patches per time step); [1+N, D] for all (CLS first)"
     )
-    time_step_s: float | None = Field(None, description="seconds per row for pooling=time")
+    time_step_s: float | None = Field(None, description="seconds per time step for pooling=time/frame/all")
 
 
 class EmbedResponse(BaseModel):
@@ -82,6 +83,7 @@ class ModelResponse(BaseModel):
     batch_buckets: list[int]
     max_delay_ms: float
     queue_size: int
+    max_concurrent_requests: int
     max_upload_bytes: int
     max_duration_s: float
     request_timeout_s: float

@@ -16,9 +16,9 @@ from types import FrameType
 import uvicorn
 from pydantic import ValidationError
 
+from eat.contract import hop_samples_for
+from eat.engine import EngineStartError, OnnxEngine
 from service.app import ServiceState, create_app
-from service.engine import EngineStartError, OnnxEngine
-from service.inference import hop_samples_for
 from service.log import configure_logging
 from service.settings import Settings
 
@@ -78,7 +78,10 @@ def run(args: argparse.Namespace) -> int:
         engine = OnnxEngine(settings.model_path, provider=settings.provider, intra_op_threads=settings.intra_op_threads)
     except EngineStartError as err:
         raise ValueError(str(err)) from err
-    hop_samples_for(settings.hop_seconds, engine.info.window_samples)  # ValueError: a hop longer than the window
+    try:
+        hop_samples_for(settings.hop_seconds, engine.info.window_samples)
+    except ValueError as err:
+        raise ValueError(f"EAT_HOP_SECONDS: {err}") from None
     return serve(settings, engine)
 
 

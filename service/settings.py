@@ -51,6 +51,17 @@ class Settings(BaseSettings):
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     decode_threads: int = Field(2, ge=1, description="threads decoding and resampling uploads")
+    max_concurrent_requests: int | None = Field(
+        None,
+        ge=1,
+        description="most /predict + /embed requests in flight, checked before the body is read; beyond it: 429. "
+        "None = max(queue_size, 2 * max_batch) (see concurrency_limit)",
+    )
+    decode_queue_size: int | None = Field(
+        None,
+        ge=1,
+        description="most jobs queued or running in the decode pool; beyond it: 429. None = concurrency_limit",
+    )
     max_files: int = Field(16, ge=1, description="most files in one multipart request")
 
     @field_validator("batch_buckets", "api_keys", "cors_origins", mode="before")
@@ -79,6 +90,28 @@ class Settings(BaseSettings):
         if self.queue_size < self.max_batch:
             raise ValueError(f"queue_size ({self.queue_size}) must hold at least max_batch ({self.max_batch})")
         return self
+
+    @property
+    def concurrency_limit(self) -> int:
+        """Requests admitted at once: ``EAT_MAX_CONCURRENT_REQUESTS``, else ``max(queue_size, 2 * max_batch)``.
+
+        Counting one window per request (a 10 s clip on EAT's 10 s window), admitting at most a queue's
+        worth of requests means an admitted request has at most one queue's worth of windows ahead of it,
+        so its latency stays within one queue of engine time plus its own batch and decode: half of
+        issue 14's goal, the rest left for the CPU that uploads and decodes share with the engine. The
+        floor of two batches keeps the engine busy (one batch running, the next one prefetched) when the
+        queue is small. Requests with more windows still meet the batcher's own bound (429 queue_full).
+        In bench/overload.py runs (official-fixture model, batch 4, queue 8), a limit of queue + one batch
+        (12) kept accepted p99 30-45 % over the goal at 4x and 8x; this one (8) cut p50 from ~225 to
+        ~150 ms for about a tenth less throughput (docs/serving.md has the figures).
+        """
+        return self.max_concurrent_requests or max(self.queue_size, 2 * self.max_batch)
+
+    @property
+    def decode_pool_size(self) -> int:
+        """Jobs the decode pool may hold; by default one per admitted request, so one-file requests
+        never meet this bound and it only stops multi-file requests from flooding the pool."""
+        return self.decode_queue_size or self.concurrency_limit
 
     def bucket_for(self, num_windows: int) -> int:
         """Smallest bucket that holds ``num_windows`` (<= max_batch by construction of batches)."""

@@ -1,5 +1,5 @@
 """The ``eat`` command. Each sub-command lives in its own module, imported only when chosen, so that
-``eat serve`` never imports torch (the serving image has none).
+``eat serve``, and ``eat predict``/``eat extract`` on ONNX files, never import torch.
 
 A command module provides ``add_arguments(parser)`` and ``run(args) -> int | None``.
 """
@@ -20,6 +20,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("training.export", "export a checkpoint to one self-describing ONNX file, verified"),
     "demo": ("training.demo", "synthetic data -> pre-train -> fine-tune -> evaluate -> export, on CPU"),
     "serve": ("service.server", "serve an ONNX model over HTTP (settings from EAT_* variables)"),
+    "predict": ("eat.predict_cli", "print the top labels of audio files (ONNX file or checkpoint)"),
+    "extract": ("eat.extract", "save embeddings of a file, folder or manifest as .npy/.npz/Parquet, resumable"),
 }
 
 # Errors a user can cause (bad path, bad file, bad config) print one line instead of a traceback.

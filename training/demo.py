@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from eat.contract import SAMPLE_RATE
 from training import finetune, pretrain
 from training.config import FinetuneConfig, PretrainConfig, load_config
 from training.data.synthetic import generate
@@ -107,7 +108,7 @@ def run_demo(
         from training.export import export_onnx
 
         # The window the model was trained on: exactly target_frames frames (0.975 s for 96).
-        window_s = ft_cfg.frontend_config().window_samples / 16_000
+        window_s = ft_cfg.frontend_config().window_samples / SAMPLE_RATE
         export_onnx(checkpoint, onnx_path, window_seconds=window_s, name=f"eat-demo-seed{seed}")
     except ImportError as err:  # export needs onnx/onnxruntime, which a training-only install may lack
         logger.warning("skipping the ONNX export: %s", err)

@@ -23,7 +23,6 @@ import copy
 import dataclasses
 import json
 import logging
-import math
 import os
 import time
 import warnings
@@ -36,20 +35,26 @@ import onnxruntime as ort
 import torch
 from torch import Tensor, nn
 
+from eat.contract import SAMPLE_RATE
 from model.checkpoints import LoadedCheckpoint, build_model, load_checkpoint
 from model.classifier import EATClassifier
 from model.config import FrontendConfig, Label
 from model.encoder import Encoder
 from model.files import atomic_path
-from model.frontend import LogMelFrontend, num_frames
+from model.pipeline import (
+    ClassifierHeads,
+    WaveformModel,
+    WindowError,
+    model_metadata,
+    placeholder_labels,
+    waveform_model,
+)
 from training import onnx_fp16, onnx_int8
 from training.data.manifest import DataError
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = "1"
 OPSET = 18
-SAMPLE_RATE_HZ = 16_000
 FEATURE_NAME = "fbank"  # the tensor joining the front-end graph to the encoder graph
 FP32_TOLERANCE = 1e-4  # max abs, every output
 # fp16: max abs <= this x max(1, max |reference|), per output. Measured on the check clips (random
@@ -97,81 +102,6 @@ class ExportReport:
     top5_agreement: float | None = None  # int8 classifiers: fraction of check clips with torch's exact top-5 set
 
 
-# ----------------------------------------------------------------------------- the exported modules
-
-
-class EmbeddingHeads(nn.Module):
-    """Features ``[B, 1, T, 128]`` -> ``(embedding [B, D], tokens [B, N, D])`` for a headless encoder."""
-
-    def __init__(self, encoder: Encoder) -> None:
-        super().__init__()
-        self.encoder = encoder
-
-    def forward(self, fbank: Tensor) -> tuple[Tensor, Tensor]:
-        features = self.encoder(fbank)  # [B, 1+N, D]
-        return features[:, 0], features[:, 1:]
-
-
-class ClassifierHeads(nn.Module):
-    """Features -> ``(embedding, tokens, logits [B, C])``; logits from the classifier's own pooling."""
-
-    def __init__(self, classifier: EATClassifier) -> None:
-        super().__init__()
-        self.classifier = classifier
-
-    def forward(self, fbank: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        features = self.classifier.encoder(fbank)  # [B, 1+N, D]
-        return features[:, 0], features[:, 1:], self.classifier.forward_head(features)
-
-
-class WaveformModel(nn.Module):
-    """``(waveform [B, S], num_samples [B])`` -> the contract's outputs: the PyTorch twin of the file."""
-
-    def __init__(self, frontend: LogMelFrontend, heads: EmbeddingHeads | ClassifierHeads) -> None:
-        super().__init__()
-        self.frontend = frontend
-        self.heads = heads
-
-    def forward(self, waveform: Tensor, num_samples: Tensor) -> tuple[Tensor, ...]:
-        return self.heads(self.frontend(waveform, num_samples))
-
-
-def window_frames(
-    window_seconds: float, trained_frames: int, max_frames: int, target_frames: int | None = None
-) -> tuple[int, int]:
-    """``(window_samples, target_frames)`` for a window of ``window_seconds`` (S = seconds·16 kHz).
-
-    By default the model sees the frame count it was trained with (the checkpoint's
-    ``target_frames``) whenever the window fits in it, exactly as EAT pads every shorter clip: a 10 s
-    window (998 frames) on an AudioSet model gives 1024 frames, and a clip shorter than the window
-    gets the features EAT gives it. A longer window rounds its frames up to a multiple of 16 (the
-    patch height), as EAT's feature-extraction guide does. ``target_frames`` overrides both, e.g. to
-    spend less compute on short windows; it must cover the window.
-    """
-    if not math.isfinite(window_seconds) or window_seconds <= 0:
-        raise ExportError(f"--window-seconds must be a positive number, got {window_seconds}")
-    samples = round(window_seconds * SAMPLE_RATE_HZ)
-    frames = int(num_frames(samples))
-    if frames < 1:
-        raise ExportError(f"a {window_seconds} s window holds no 25 ms frame; use at least 0.025 s")
-    covering = math.ceil(frames / 16) * 16
-    if target_frames is None:
-        target = trained_frames if frames <= trained_frames else covering
-    elif target_frames % 16 or target_frames < covering:
-        raise ExportError(
-            f"--target-frames must be a multiple of 16 of at least {covering} for a {window_seconds} s window "
-            f"({frames} frames), got {target_frames}"
-        )
-    else:
-        target = target_frames
-    if target > max_frames:
-        raise ExportError(
-            f"a {window_seconds} s window needs {target} frames; the model's position table covers "
-            f"{max_frames} ({max_frames * 160 / SAMPLE_RATE_HZ:.1f} s)"
-        )
-    return samples, target
-
-
 # ----------------------------------------------------------------------------- building the graph
 
 
@@ -216,40 +146,6 @@ def build_graph(model: WaveformModel, window_samples: int, fp16: bool, int8: boo
     return onnx_fp16.join_frontend(front, encoder, FEATURE_NAME)
 
 
-def build_metadata(
-    *,
-    name: str,
-    labels: list[Label] | None,
-    frontend: FrontendConfig,
-    window_samples: int,
-    embedding_dim: int,
-    num_classes: int,
-    freq_patches: int,
-    fp16: bool,
-    source_sha256: str,
-    fusions: dict[str, int],
-    int8: bool = False,
-) -> dict[str, str]:
-    """The ``eat.*`` metadata_props of the contract: all strings, JSON where structured."""
-    return {
-        "eat.format_version": FORMAT_VERSION,
-        "eat.model_name": name,
-        "eat.labels": json.dumps([[lb.index, lb.id, lb.display_name] for lb in labels or []]),
-        "eat.sample_rate": str(frontend.sample_rate),
-        "eat.window_samples": str(window_samples),
-        "eat.target_frames": str(frontend.target_frames),
-        "eat.norm_mean": repr(float(frontend.norm_mean)),
-        "eat.norm_std": repr(float(frontend.norm_std)),
-        "eat.embedding_dim": str(embedding_dim),
-        "eat.num_classes": str(num_classes),
-        "eat.precision": "int8" if int8 else "fp16" if fp16 else "fp32",
-        "eat.source_sha256": source_sha256,
-        "eat.time_patches": str(frontend.target_frames // 16),
-        "eat.freq_patches": str(freq_patches),
-        "eat.fusions": json.dumps(fusions),
-    }
-
-
 # ----------------------------------------------------------------------------- verification
 
 
@@ -264,7 +160,7 @@ def verification_inputs(window_samples: int, seed: int = 0) -> tuple[list[str], 
     """
     rng = np.random.default_rng(seed)
     s = window_samples
-    t = np.arange(s) / SAMPLE_RATE_HZ
+    t = np.arange(s) / SAMPLE_RATE
     chirp = 0.9 * np.sin(2 * np.pi * (100 + 3000 * t / max(t[-1], 1e-3)) * t) + 3e-3 * rng.standard_normal(s)
     cases = {
         "noise_full": (0.1 * rng.standard_normal(s), s),
@@ -394,10 +290,10 @@ def export_onnx(
     ``checkpoint_or_model`` is a checkpoint path (ours, official fairseq ``.pt`` or a Hugging Face
     folder), a ``LoadedCheckpoint``, or a built model; for a built model ``frontend`` (normalisation and
     trained frame count; AudioSet, 1024 by default), ``labels`` and ``name`` describe it. The window
-    sets the input length; the frame count follows ``window_frames``. Keyword arguments override what the
-    checkpoint says. ``int8`` quantises the encoder for CPUs (``training/onnx_int8.py``); ``check_clips`` is
-    a folder of audio it must also agree on (default: synthetic scenes). Raises ``ExportError``
-    (``VerificationError`` on a mismatch); nothing is written then.
+    sets the input length; the frame count follows ``model.pipeline.window_frames``. Keyword arguments override
+    what the checkpoint says. ``int8`` quantises the encoder for CPUs (``training/onnx_int8.py``);
+    ``check_clips`` is a folder of audio it must also agree on (default: synthetic scenes). Raises
+    ``ExportError`` (``VerificationError`` on a mismatch); nothing is written then.
     """
     started = time.perf_counter()
     if fp16 and int8:
@@ -425,19 +321,20 @@ def export_onnx(
     num_classes = cfg.num_classes if isinstance(network, EATClassifier) else 0
     if num_classes and labels is None:
         log.warning("no labels for a %d-class head: writing placeholder names 'class <i>'", num_classes)
-        labels = [Label(i, str(i), f"class {i}") for i in range(num_classes)]
+        labels = placeholder_labels(num_classes)
     if num_classes and sorted(lb.index for lb in labels) != list(range(num_classes)):
         raise ExportError(f"labels must cover indices 0..{num_classes - 1} exactly once, got {len(labels)} labels")
     if not num_classes:
         labels = None
 
-    window_samples, target_frames = window_frames(
-        window_seconds, base_frontend.target_frames, cfg.max_time_patches * cfg.patch_size, target_frames
-    )
-    front_cfg = dataclasses.replace(base_frontend, target_frames=target_frames)  # keeps the normalisation
-    heads = ClassifierHeads(network) if isinstance(network, EATClassifier) else EmbeddingHeads(network)
-    model = WaveformModel(LogMelFrontend(front_cfg), heads).float().eval()
-    outputs = ["embedding", "tokens"] + (["logits"] if num_classes else [])
+    try:
+        model, window_samples = waveform_model(
+            network, base_frontend, window_seconds=window_seconds, target_frames=target_frames
+        )
+    except WindowError as err:
+        raise ExportError(str(err)) from None
+    target_frames = model.frontend.target_frames
+    outputs = list(model.output_names)
 
     log.info(
         "exporting %s (%s, %d-sample window, %d frames)",
@@ -454,18 +351,14 @@ def export_onnx(
             raise ExportError(str(err)) from None
     graph = build_graph(model, window_samples, fp16, int8)
     fusions = onnx_fp16.count_fused_ops(graph)
-    metadata = build_metadata(
+    metadata = model_metadata(
+        model,
+        window_samples=window_samples,
         name=name,
         labels=labels,
-        frontend=front_cfg,
-        window_samples=window_samples,
-        embedding_dim=cfg.embed_dim,
-        num_classes=num_classes,
-        freq_patches=cfg.freq_patches,
-        fp16=fp16,
+        precision=precision,
         source_sha256=sha,
-        fusions=fusions,
-        int8=int8,
+        extra={"eat.fusions": json.dumps(fusions)},
     )
     onnx.helper.set_model_props(graph, metadata)
     if graph.ByteSize() > MAX_PROTO_BYTES:

@@ -18,10 +18,12 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
-# A server whose engine sleeps before each call, so batching, overload and drain are deterministic.
+# A server whose engine sleeps before each call, so batching, overload and drain are deterministic;
+# an optional second argument makes every file's decode sleep too (deadline tests).
 SLOW_SERVER = """
 import sys, time
-from service.engine import OnnxEngine
+import service.inference
+from eat.engine import OnnxEngine
 from service.log import configure_logging
 from service.server import serve
 from service.settings import Settings
@@ -34,6 +36,13 @@ class SlowEngine:
         return self.inner.run(waveform, num_samples, outputs)
     def close(self):
         self.inner.close()
+
+if len(sys.argv) > 2:
+    real_prepare, decode_delay_s = service.inference.prepare, float(sys.argv[2])
+    def slow_prepare(data, **kwargs):
+        time.sleep(decode_delay_s)
+        return real_prepare(data, **kwargs)
+    service.inference.prepare = slow_prepare
 
 settings = Settings()
 configure_logging(settings.log_level)
@@ -120,5 +129,6 @@ def start_server():
 
 @pytest.fixture(scope="session")
 def slow_server_args() -> list[str]:
-    """``python`` arguments for a server whose engine sleeps; append the delay in seconds."""
+    """``python`` arguments for a server whose engine sleeps; append the delay in seconds (and optionally
+    a decode delay in seconds)."""
     return ["-c", SLOW_SERVER]

@@ -17,9 +17,9 @@ import soxr
 import torch
 from torch.utils.data import Dataset
 
+from eat.contract import SAMPLE_RATE
 from training.data.manifest import DataError, Manifest
 
-SAMPLE_RATE = 16_000
 TargetMode = Literal["multi_hot", "index", "none"]
 
 

@@ -19,12 +19,11 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from model.config import Label
+from eat.contract import SAMPLE_RATE, Label
 from training.data.manifest import EAT_MIN_SAMPLES, write_labels_csv, write_lbl, write_tsv, write_weights
 
 logger = logging.getLogger(__name__)
 
-SAMPLE_RATE = 16_000
 EventFn = Callable[[np.random.Generator, int], np.ndarray]  # (rng, num_samples) -> [num_samples] float64
 
 

@@ -18,7 +18,7 @@ from deploy_files import REPO_ROOT, load_yaml_documents, parse_dockerfile
 K8S = REPO_ROOT / "deploy/k8s"
 # The oldest Kubernetes still widely run and the newest the validator knows.
 K8S_VERSIONS = ("1.29.0", kubernetes_validate.utils.latest_version())
-CRD_KINDS = {"ServiceMonitor", "Kustomization"}
+CRD_KINDS = {"ServiceMonitor", "Kustomization", "RayJob"}  # RayJob: test_k8s_ray.py
 
 _OBJECT_META = {"type": "object", "required": ["name"], "properties": {"name": {"type": "string"}}}
 SERVICE_MONITOR_SCHEMA: dict[str, Any] = {  # monitoring.coreos.com/v1, the fields we use, strictly

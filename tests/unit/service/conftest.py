@@ -11,8 +11,8 @@ from fastapi.testclient import TestClient
 from svc_helpers import GatedEngine
 from svc_toy_model import build_toy_model
 
+from eat.engine import OnnxEngine
 from service.app import create_app
-from service.engine import OnnxEngine
 from service.settings import Settings
 
 

@@ -10,7 +10,8 @@ import av
 import numpy as np
 import soundfile as sf
 
-from service.engine import ModelInfo, OnnxEngine
+from eat.contract import ModelInfo
+from eat.engine import OnnxEngine
 
 
 class GatedEngine:

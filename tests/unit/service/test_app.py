@@ -415,9 +415,6 @@ def test_cancelled_request_never_reaches_the_engine(make_client, gated_engine: G
             task = asyncio.ensure_future(
                 state.inference.predict(
                     [upload],
-                    top_k=1,
-                    threshold=None,
-                    timeline=False,
                     deadline=time.monotonic() + 30,
                     timings=StageTimings(),
                 )

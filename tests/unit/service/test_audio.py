@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 from svc_helpers import encode_pyav, encode_soundfile, sine
 
-from service import audio
-from service.audio import SAMPLE_RATE, decode, to_windows
-from service.errors import AudioTooLong, InvalidAudio
+from eat import audio
+from eat.audio import AudioTooLong, InvalidAudio, decode
+from eat.contract import SAMPLE_RATE
+from eat.contract import cut_windows as to_windows
 
 
 def dominant_hz(samples: np.ndarray) -> float:

@@ -9,7 +9,8 @@ import numpy as np
 import onnx
 import pytest
 
-from service.engine import EngineStartError, OnnxEngine, parse_metadata
+from eat.contract import ContractError, parse_metadata
+from eat.engine import EngineStartError, OnnxEngine
 
 
 def test_metadata_and_outputs(toy_model_path: Path) -> None:
@@ -68,7 +69,7 @@ def test_parse_metadata_checks_labels_against_outputs() -> None:
     }
     info = parse_metadata(meta, provider="cpu", output_names=("embedding", "tokens", "logits"))
     assert info.num_classes == 2 and info.time_patches == 4
-    with pytest.raises(EngineStartError, match="no 'logits' output"):
+    with pytest.raises(ContractError, match="no 'logits' output"):
         parse_metadata(meta, provider="cpu", output_names=("embedding", "tokens"))
-    with pytest.raises(EngineStartError, match="16000"):
+    with pytest.raises(ContractError, match="16000"):
         parse_metadata({**meta, "eat.sample_rate": "8000"}, provider="cpu", output_names=("embedding", "tokens"))

@@ -52,3 +52,18 @@ def test_environment_is_read_with_the_eat_prefix(monkeypatch: pytest.MonkeyPatch
 def test_bad_settings_fail_at_construction(overrides: dict, message: str) -> None:
     with pytest.raises(ValidationError, match=message):
         Settings(**overrides)
+
+
+def test_concurrency_limit_defaults_to_the_queue_or_two_batches(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("EAT_MAX_CONCURRENT_REQUESTS", "EAT_DECODE_QUEUE_SIZE", "EAT_QUEUE_SIZE", "EAT_MAX_BATCH"):
+        monkeypatch.delenv(name, raising=False)
+    s = Settings()
+    assert (s.max_concurrent_requests, s.concurrency_limit, s.decode_pool_size) == (None, 256, 256)
+    assert Settings(queue_size=12, max_batch=4, batch_buckets=[1, 2, 4]).concurrency_limit == 12
+    small = Settings(queue_size=6, max_batch=4, batch_buckets=[1, 2, 4])
+    assert small.concurrency_limit == 8 and small.decode_pool_size == 8  # two batches: one runs, one waits
+    monkeypatch.setenv("EAT_MAX_CONCURRENT_REQUESTS", "5")
+    monkeypatch.setenv("EAT_DECODE_QUEUE_SIZE", "3")
+    assert (Settings().concurrency_limit, Settings().decode_pool_size) == (5, 3)
+    with pytest.raises(ValidationError):
+        Settings(max_concurrent_requests=0)

@@ -19,17 +19,9 @@ from model.classifier import EATClassifier
 from model.config import FrontendConfig, Label, tiny
 from model.encoder import Encoder
 from model.frontend import LogMelFrontend
+from model.pipeline import ClassifierHeads, EmbeddingHeads, WaveformModel, WindowError, window_frames
 from training import cli, export
-from training.export import (
-    FP16_RELATIVE_TOLERANCE,
-    ClassifierHeads,
-    EmbeddingHeads,
-    ExportError,
-    VerificationError,
-    WaveformModel,
-    export_onnx,
-    window_frames,
-)
+from training.export import FP16_RELATIVE_TOLERANCE, ExportError, VerificationError, export_onnx
 
 WINDOW_S = 2.0
 WINDOW_SAMPLES = 32_000  # 2 s at 16 kHz -> 198 frames -> 208 target frames
@@ -105,15 +97,15 @@ def test_window_frames_follows_eat_padding():
     assert window_frames(5.0, 512, table) == (80_000, 512)  # ESC-50: 498 frames -> 512
     assert window_frames(12.0, 1024, table) == (192_000, 1200)  # longer than trained: 1198 -> 1200
     assert window_frames(WINDOW_S, 1024, table, target_frames=208) == (WINDOW_SAMPLES, 208)
-    with pytest.raises(ExportError, match="at least 208"):
+    with pytest.raises(WindowError, match="at least 208"):
         window_frames(WINDOW_S, 1024, table, target_frames=192)
-    with pytest.raises(ExportError, match="multiple of 16"):
+    with pytest.raises(WindowError, match="multiple of 16"):
         window_frames(WINDOW_S, 1024, table, target_frames=210)
-    with pytest.raises(ExportError, match="no 25 ms frame"):
+    with pytest.raises(WindowError, match="no 25 ms frame"):
         window_frames(0.01, 1024, table)
-    with pytest.raises(ExportError, match="position table"):
+    with pytest.raises(WindowError, match="position table"):
         window_frames(200.0, 1024, table)
-    with pytest.raises(ExportError, match="positive"):
+    with pytest.raises(WindowError, match="positive"):
         window_frames(-1.0, 1024, table)
 
 

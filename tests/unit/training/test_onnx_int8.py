@@ -1,5 +1,5 @@
 """int8 export: what is quantised and what stays float32, the check clips, the built-in verification,
-the official fixture, and the service serving the file unchanged."""
+the official fixture, and the service's engine (``eat.engine.OnnxEngine``) serving the file unchanged."""
 
 from __future__ import annotations
 
@@ -16,19 +16,18 @@ import pytest
 import soundfile as sf
 import torch
 
+from eat.engine import OnnxEngine
 from model.checkpoints import save_checkpoint
 from model.classifier import EATClassifier
 from model.config import FrontendConfig, Label, tiny
 from model.encoder import Encoder
 from model.frontend import LogMelFrontend
-from service.engine import OnnxEngine
+from model.pipeline import ClassifierHeads, WaveformModel
 from training import cli, export, onnx_int8
 from training.export import (
     INT8_RELATIVE_TOLERANCE,
-    ClassifierHeads,
     ExportError,
     VerificationError,
-    WaveformModel,
     export_onnx,
 )
 

@@ -1,8 +1,9 @@
-"""The onnxruntime session behind the batcher: one self-describing ONNX file, CPU or CUDA.
+"""The onnxruntime session behind ``Predictor`` and the service's batcher: one self-describing ONNX file.
 
-The file's ``metadata_props`` (ARCHITECTURE.md, "The ONNX contract") say everything the service
-needs: labels, window length, embedding size, precision. ``Engine`` is the interface the batcher
-uses; tests pass a fake with the same three members (``info``, ``run``, ``close``).
+The file's ``metadata_props`` (``eat.contract``) say everything a caller needs: labels, window length,
+embedding size, precision. ``Engine`` is the interface ``Predictor`` and the batcher use; the PyTorch
+twin (``model.pipeline.TorchEngine``) and the tests' fakes have the same three members (``info``,
+``run``, ``close``).
 
 On CUDA the inputs are bound once per call and only the requested outputs are fetched (IO binding),
 cuDNN picks convolution algorithms by heuristic instead of timing every shape, and fp16 models keep
@@ -11,94 +12,19 @@ float32 inputs and outputs, so nothing here depends on the precision.
 
 from __future__ import annotations
 
-import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol
 
 import numpy as np
 
-logger = logging.getLogger(__name__)
+from eat.contract import ContractError, ModelInfo, parse_metadata
 
-OUTPUT_NAMES: tuple[str, ...] = ("embedding", "tokens", "logits")
+logger = logging.getLogger(__name__)
 
 
 class EngineStartError(RuntimeError):
-    """The model cannot be served (missing file, broken contract, CUDA asked for but absent)."""
-
-
-@dataclass(frozen=True)
-class Label:
-    index: int
-    id: str
-    display_name: str
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """What the ONNX metadata promises; the service trusts nothing else about the model."""
-
-    model_name: str
-    labels: tuple[Label, ...]
-    sample_rate: int
-    window_samples: int
-    target_frames: int
-    embedding_dim: int
-    num_classes: int
-    time_patches: int
-    freq_patches: int
-    precision: str
-    provider: str
-    source_sha256: str = ""
-    format_version: str = "1"
-    norm_mean: float = 0.0
-    norm_std: float = 1.0
-
-    @property
-    def has_classifier(self) -> bool:
-        return self.num_classes > 0
-
-    @property
-    def window_s(self) -> float:
-        return self.window_samples / self.sample_rate
-
-
-def parse_metadata(meta: dict[str, str], *, provider: str, output_names: tuple[str, ...]) -> ModelInfo:
-    """Check and parse the ``eat.*`` metadata; a missing or inconsistent key is an EngineStartError."""
-    try:
-        raw_labels = json.loads(meta.get("eat.labels") or "[]")
-        labels = tuple(Label(int(i), str(label_id), str(name)) for i, label_id, name in raw_labels)
-        info = ModelInfo(
-            model_name=meta.get("eat.model_name", "eat"),
-            labels=labels,
-            sample_rate=int(meta["eat.sample_rate"]),
-            window_samples=int(meta["eat.window_samples"]),
-            target_frames=int(meta["eat.target_frames"]),
-            embedding_dim=int(meta["eat.embedding_dim"]),
-            num_classes=int(meta.get("eat.num_classes", len(labels))),
-            time_patches=int(meta.get("eat.time_patches", int(meta["eat.target_frames"]) // 16)),
-            freq_patches=int(meta.get("eat.freq_patches", 8)),
-            precision=meta.get("eat.precision", "fp32"),
-            provider=provider,
-            source_sha256=meta.get("eat.source_sha256", ""),
-            format_version=meta.get("eat.format_version", "1"),
-            norm_mean=float(meta.get("eat.norm_mean", 0.0)),
-            norm_std=float(meta.get("eat.norm_std", 1.0)),
-        )
-    except (KeyError, ValueError, TypeError) as err:
-        raise EngineStartError(f"the ONNX metadata breaks the EAT contract: {err!r}") from err
-    if info.sample_rate != 16_000:
-        raise EngineStartError(f"eat.sample_rate is {info.sample_rate}; the service decodes to 16000 Hz")
-    missing = {"embedding", "tokens"} - set(output_names)
-    if missing:
-        raise EngineStartError(f"the model lacks the outputs {sorted(missing)}")
-    if info.has_classifier:
-        if "logits" not in output_names:
-            raise EngineStartError(f"eat.num_classes is {info.num_classes} but the model has no 'logits' output")
-        if len(labels) != info.num_classes or [lab.index for lab in labels] != list(range(len(labels))):
-            raise EngineStartError("eat.labels must list indices 0..num_classes-1 in order")
-    return info
+    """The model cannot be opened (missing file, broken contract, CUDA asked for but absent)."""
 
 
 class Engine(Protocol):
@@ -156,7 +82,10 @@ class OnnxEngine:
             logger.warning("%s; serving on CPU", message)
         output_names = tuple(o.name for o in self._session.get_outputs())
         meta = self._session.get_modelmeta().custom_metadata_map
-        self.info = parse_metadata(meta, provider="cuda" if self._on_cuda else "cpu", output_names=output_names)
+        try:
+            self.info = parse_metadata(meta, provider="cuda" if self._on_cuda else "cpu", output_names=output_names)
+        except ContractError as err:
+            raise EngineStartError(f"{model_path}: {err}") from err
         self._check_inputs()
         logger.info(
             "engine ready: model=%s provider=%s precision=%s window_samples=%d classes=%d",

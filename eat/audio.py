@@ -1,34 +1,48 @@
-"""Bytes -> 16 kHz mono float32 -> fixed-length windows for the ONNX model (ARCHITECTURE.md).
+"""Audio bytes, a file or an array -> 16 kHz mono float32, the only input EAT models take.
 
-The service never trusts a file's size to say how long its audio is: a few kB of FLAC or Opus can
+The decoder never trusts a file's size to say how long its audio is: a few kB of FLAC or Opus can
 hold hours of silence. So the duration limit is checked twice: against the header (soundfile's
 frame count, the container's duration) before anything is decoded, and again while decoding, block by
 block, so that a lying or missing header cannot expand past ``max_duration_s`` either.
 
 soundfile (libsndfile) reads WAV in all its flavours (PCM 8-32 bit, float, mu-law, WAVE_EXTENSIBLE,
 RF64), FLAC, Ogg Vorbis/Opus and MP3. Everything else (AAC/M4A, WebM, ...) goes through PyAV.
-Channels are averaged to mono and the rate converted with soxr. Non-finite samples are refused (422)
-rather than silently cleaned, because they mean the file is broken.
+Channels are averaged to mono and the rate converted with soxr. Non-finite samples are refused
+rather than silently cleaned, because they mean the file is broken. Errors are ``AudioError``s
+(``InvalidAudio``, ``AudioTooLong``); the service maps them to 422 and 413.
 """
 
 from __future__ import annotations
 
 import io
 import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import av
 import numpy as np
 import soundfile as sf
 import soxr
 
-from service.errors import AudioTooLong, InvalidAudio
+from eat.contract import FRAME_LENGTH_SAMPLES, SAMPLE_RATE
 
-SAMPLE_RATE = 16_000
-MIN_SAMPLES = 400  # one 25 ms analysis frame at 16 kHz: less gives the model no frame at all
+MIN_SAMPLES = FRAME_LENGTH_SAMPLES  # one 25 ms analysis frame: less gives the model no frame at all
 MAX_SOURCE_RATE = 768_000
 _BLOCK_SAMPLES = 1 << 20  # per read, over all channels: bounds memory even for 1000-channel files
 _UNKNOWN_FRAMES = 2**62  # libsndfile reports ~SF_COUNT_MAX when a stream does not state its length
+
+
+class AudioError(ValueError):
+    """Audio that cannot be used: the message says why, in words a user can act on."""
+
+
+class InvalidAudio(AudioError):
+    """Not audio we can decode, or unusable audio (empty, NaN/Inf, shorter than one 25 ms frame)."""
+
+
+class AudioTooLong(AudioError):
+    """Longer than the caller's limit; found from the header or while decoding, never after."""
 
 
 @dataclass(frozen=True)
@@ -42,31 +56,63 @@ class Audio:
         return len(self.samples) / SAMPLE_RATE
 
 
-@dataclass(frozen=True)
-class Windows:
-    waveform: np.ndarray  # [W, window_samples] float32, zero-padded past num_samples
-    num_samples: np.ndarray  # [W] int64, valid samples per row
-    starts: np.ndarray  # [W] int64, first sample of each window in the clip
-
-    def __len__(self) -> int:
-        return len(self.starts)
-
-
-def decode(data: bytes, *, max_duration_s: float) -> Audio:
+def decode(data: bytes, *, max_duration_s: float | None = None) -> Audio:
     """Decode any supported file to 16 kHz mono float32, refusing over-long audio before decoding it.
 
     Raises ``InvalidAudio`` (not audio, corrupt, empty, NaN/Inf, shorter than 25 ms) or
-    ``AudioTooLong``.
+    ``AudioTooLong`` (only with a ``max_duration_s``).
     """
     if not data:
         raise InvalidAudio("empty upload: no audio bytes")
+    limit_s = math.inf if max_duration_s is None else max_duration_s
     try:
         sound = sf.SoundFile(io.BytesIO(data))
     except (sf.LibsndfileError, RuntimeError, TypeError):
-        samples, rate, channels = _decode_pyav(data, max_duration_s=max_duration_s)
+        samples, rate, channels = _decode_pyav(data, max_duration_s=limit_s)
     else:
         with sound:
-            samples, rate, channels = _decode_soundfile(sound, max_duration_s=max_duration_s)
+            samples, rate, channels = _decode_soundfile(sound, max_duration_s=limit_s)
+    return _finish(samples, rate, channels)
+
+
+def from_array(samples: np.ndarray, sample_rate: int, *, max_duration_s: float | None = None) -> Audio:
+    """A waveform already in memory: ``[S]`` mono or ``[S, C]`` channels-last, float in [-1, 1]."""
+    samples = np.asarray(samples)
+    if samples.ndim not in (1, 2) or not np.issubdtype(samples.dtype, np.floating):
+        raise InvalidAudio(f"expected a float [samples] or [samples, channels] array, got {samples.dtype} "
+                           f"{samples.shape}; divide int16 PCM by 32768")
+    _check_rate(int(sample_rate))
+    channels = 1 if samples.ndim == 1 else samples.shape[1]
+    if max_duration_s is not None and len(samples) > max_duration_s * sample_rate:
+        raise _too_long(len(samples) / sample_rate, max_duration_s)
+    mono = samples.mean(axis=1) if samples.ndim == 2 else samples
+    return _finish(mono.astype(np.float32), int(sample_rate), channels)
+
+
+def load(
+    audio: str | os.PathLike[str] | bytes | np.ndarray,
+    *,
+    sample_rate: int | None = None,
+    max_duration_s: float | None = None,
+) -> Audio:
+    """A path, the bytes of a file, or an array with its ``sample_rate`` -> 16 kHz mono ``Audio``."""
+    if isinstance(audio, np.ndarray):
+        if sample_rate is None:
+            raise ValueError("a waveform array needs its sample_rate")
+        return from_array(audio, sample_rate, max_duration_s=max_duration_s)
+    if sample_rate is not None:
+        raise ValueError("sample_rate is only for arrays: a file states its own rate")
+    if isinstance(audio, bytes | bytearray | memoryview):
+        return decode(bytes(audio), max_duration_s=max_duration_s)
+    path = Path(audio)
+    try:
+        data = path.read_bytes()
+    except IsADirectoryError:
+        raise InvalidAudio(f"{path} is a directory, not an audio file") from None
+    return decode(data, max_duration_s=max_duration_s)
+
+
+def _finish(samples: np.ndarray, rate: int, channels: int) -> Audio:
     if samples.size == 0:
         raise InvalidAudio("the file holds no audio samples (zero-length audio)")
     if not np.isfinite(samples).all():
@@ -92,7 +138,7 @@ def _decode_soundfile(sound: sf.SoundFile, *, max_duration_s: float) -> tuple[np
     _check_rate(rate)
     if channels < 1:
         raise InvalidAudio("the file declares no audio channels")
-    max_frames = math.ceil(max_duration_s * rate)
+    max_frames = math.ceil(max_duration_s * rate) if math.isfinite(max_duration_s) else _UNKNOWN_FRAMES
     if _UNKNOWN_FRAMES > sound.frames > max_frames:  # the header alone proves it is too long
         raise _too_long(sound.frames / rate, max_duration_s)
     blocks: list[np.ndarray] = []
@@ -143,6 +189,8 @@ def _decode_pyav(data: bytes, *, max_duration_s: float) -> tuple[np.ndarray, int
             for out in resampler.resample(None):
                 planes = out.to_ndarray()
                 blocks.append(planes.mean(axis=0) if planes.shape[0] > 1 else planes[0].copy())
+        except AudioError:
+            raise
         except (av.FFmpegError, ValueError) as err:
             raise InvalidAudio(f"corrupt audio: {err}") from err
     if not blocks:
@@ -157,23 +205,3 @@ def _header_duration_s(container: av.container.InputContainer, stream: av.audio.
     if container.duration is not None:
         return container.duration / av.time_base
     return None
-
-
-def to_windows(samples: np.ndarray, *, window_samples: int, hop_samples: int) -> Windows:
-    """Cut ``samples`` [S] into windows of the model's fixed length; the last one is zero-padded.
-
-    A clip shorter than a window gives one padded window, whose ``num_samples`` tells the model where
-    the audio ends (the ONNX front end zeroes the frames past it, as EAT pads short clips).
-    """
-    if not 0 < hop_samples <= window_samples:
-        raise ValueError(f"hop_samples must be in (0, {window_samples}], got {hop_samples}")
-    num_total = len(samples)
-    num_windows = 1 if num_total <= window_samples else 1 + math.ceil((num_total - window_samples) / hop_samples)
-    starts = np.arange(num_windows, dtype=np.int64) * hop_samples
-    waveform = np.zeros((num_windows, window_samples), dtype=np.float32)  # [W, S]
-    num_samples = np.empty(num_windows, dtype=np.int64)
-    for row, start in enumerate(starts):
-        piece = samples[start : start + window_samples]
-        waveform[row, : len(piece)] = piece
-        num_samples[row] = len(piece)
-    return Windows(waveform=waveform, num_samples=num_samples, starts=starts)

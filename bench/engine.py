@@ -1,11 +1,16 @@
-"""Engine benchmark: onnxruntime throughput (clips/s) and latency per batch size, fp32 and fp16, on
-CPU and (when present) CUDA with IO binding, against PyTorch eager on the same device.
+"""Engine benchmark: onnxruntime throughput (clips/s) and latency per batch size, fp32, fp16 and (CPU)
+int8, on CPU and (when present) CUDA with IO binding, against PyTorch eager on the same device.
 
 The models have random weights (speed does not depend on them) and are exported with
 ``training.export.export_onnx``, so what is timed is exactly the file the service loads, front end
-included. Writes JSON (default ``bench/results/engine.json``) and a PNG plot next to it.
+included, and each file passed the exporter's verification. The precisions are timed interleaved:
+for each batch size every repeat runs each precision once in turn, so a neighbour's load on a
+shared machine slows them alike and the ratios between them stay fair. Writes JSON (default
+``bench/results/engine.json``, with each export's accuracy and the speed ratios to fp32) and a PNG
+plot next to it.
 
     python bench/engine.py                                   # EAT-base + tiny, CPU, batches 1 2 4 8
+    python bench/engine.py --models base --precisions fp32,fp16,int8 --threads 2
     python bench/engine.py --models base --providers cuda --batch-sizes 1,2,4,8,16,32,64,128,256
 """
 
@@ -32,13 +37,15 @@ import torch
 from model.classifier import EATClassifier
 from model.config import FrontendConfig, preset
 from model.frontend import LogMelFrontend
-from training.export import ClassifierHeads, WaveformModel, export_onnx
+from model.pipeline import ClassifierHeads, WaveformModel
+from training.export import ExportReport, export_onnx
 
 log = logging.getLogger("bench.engine")
 
 CPU_BATCHES = (1, 2, 4, 8)
 GPU_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 ORT_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+PRECISIONS = ("fp32", "fp16", "int8")
 
 
 @dataclass(frozen=True)
@@ -46,7 +53,7 @@ class Result:
     model: str
     runtime: str  # "onnxruntime" | "torch-eager"
     provider: str  # "cpu" | "cuda"
-    precision: str  # "fp32" | "fp16"
+    precision: str  # "fp32" | "fp16" | "int8"
     batch_size: int
     latency_ms_median: float
     latency_ms_p90: float
@@ -56,13 +63,21 @@ class Result:
 
 def time_calls(call: Callable[[], object], warmup: int, repeats: int) -> list[float]:
     """Wall-clock seconds of ``repeats`` calls after ``warmup`` untimed ones (``call`` must block)."""
-    for _ in range(warmup):
-        call()
-    times = []
+    return time_interleaved({"only": call}, warmup, repeats)["only"]
+
+
+def time_interleaved(calls: dict[str, Callable[[], object]], warmup: int, repeats: int) -> dict[str, list[float]]:
+    """Like ``time_calls`` for several calls at once: each round runs every call once, in turn, so
+    load that comes and goes during the run falls on all of them alike."""
+    for call in calls.values():
+        for _ in range(warmup):
+            call()
+    times: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call()
+            times[name].append(time.perf_counter() - start)
     return times
 
 
@@ -133,29 +148,50 @@ def torch_runner(model: WaveformModel, device: str, precision: str, batch: int, 
     return call
 
 
-def bench_model(size: str, args: argparse.Namespace, workdir: Path) -> list[Result]:
+def export_accuracy(report: ExportReport) -> dict:
+    """What the exporter measured against PyTorch on its check inputs (and int8 check clips)."""
+    return {
+        "size_mib": round(report.size_bytes / 2**20, 1),
+        "max_abs_diff": report.max_abs_diff,
+        "tolerance": report.tolerance,
+        "top5_agree": report.top5_agree,
+        "top5_agreement": report.top5_agreement,
+    }
+
+
+def bench_model(size: str, args: argparse.Namespace, workdir: Path, accuracy: dict) -> list[Result]:
     torch.manual_seed(0)
     network = EATClassifier(preset(size, num_classes=527)).eval()
     network.init_weights()
     results: list[Result] = []
+    paths: dict[str, Path] = {}
     for precision in args.precisions:
         path = workdir / f"eat-{size}-{precision}.onnx"
         report = export_onnx(
-            network, path, fp16=precision == "fp16", window_seconds=args.window_seconds, name=f"eat-{size}"
+            network,
+            path,
+            fp16=precision == "fp16",
+            int8=precision == "int8",
+            window_seconds=args.window_seconds,
+            name=f"eat-{size}",
         )
+        paths[precision] = path
+        accuracy[f"{size} {precision}"] = export_accuracy(report)
         log.info(
-            "%s %s: %.0f MiB, fused %s, export+verify %.0f s",
+            "%s %s: %.0f MiB, fused %s, export+verify %.0f s, max abs diff %s, top-5 set agreement %s",
             size,
             precision,
             report.size_bytes / 2**20,
             report.fusions,
             report.seconds,
+            {k: f"{v:.2g}" for k, v in report.max_abs_diff.items()},
+            report.top5_agreement,
         )
-        for provider in args.providers:
-            session = ort_session(path, provider, args.threads)
-            for batch in args.batch_sizes:
-                call = ort_runner(session, provider, batch, report.window_samples)
-                times = time_calls(call, args.warmup, args.repeats)
+    for provider in args.providers:
+        sessions = {p: ort_session(paths[p], provider, args.threads) for p in args.precisions}
+        for batch in args.batch_sizes:
+            calls = {p: ort_runner(s, provider, batch, report.window_samples) for p, s in sessions.items()}
+            for precision, times in time_interleaved(calls, args.warmup, args.repeats).items():
                 results.append(
                     summarise(
                         times,
@@ -168,13 +204,13 @@ def bench_model(size: str, args: argparse.Namespace, workdir: Path) -> list[Resu
                     )
                 )
                 log.info("%s", results[-1])
-            del session
+        del sessions
     if args.torch:  # the same front end (AudioSet normalisation, same frames) as the file holds
         frontend = LogMelFrontend(FrontendConfig(target_frames=report.target_frames))
         model = WaveformModel(frontend, ClassifierHeads(network))
         for provider in args.providers:
-            # fp16 eager on a CPU is not a deployment choice; compare it on CUDA only.
-            for precision in [p for p in args.precisions if provider == "cuda" or p == "fp32"]:
+            # fp16 eager on a CPU is not a deployment choice, nor int8 eager anywhere: fp32 on CPU, fp16 on CUDA.
+            for precision in [p for p in args.precisions if p == "fp32" or (provider == "cuda" and p == "fp16")]:
                 for batch in args.batch_sizes:
                     call = torch_runner(model, provider, precision, batch, report.window_samples)
                     times = time_calls(call, args.warmup, args.repeats)
@@ -191,6 +227,22 @@ def bench_model(size: str, args: argparse.Namespace, workdir: Path) -> list[Resu
                     )
                     log.info("%s", results[-1])
     return results
+
+
+def speed_ratios(results: list[Result]) -> dict[str, dict[str, float]]:
+    """``"<model> <provider> <precision>/fp32" -> {batch: clips/s ratio}`` for onnxruntime rows."""
+    fp32 = {
+        (r.model, r.provider, r.batch_size): r.clips_per_s
+        for r in results
+        if r.runtime == "onnxruntime" and r.precision == "fp32"
+    }
+    ratios: dict[str, dict[str, float]] = {}
+    for r in results:
+        base = fp32.get((r.model, r.provider, r.batch_size))
+        if r.runtime == "onnxruntime" and r.precision != "fp32" and base:
+            key = f"{r.model} {r.provider} {r.precision}/fp32"
+            ratios.setdefault(key, {})[str(r.batch_size)] = round(r.clips_per_s / base, 3)
+    return ratios
 
 
 def plot(results: list[Result], path: Path) -> None:
@@ -235,12 +287,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--providers", default=None, help="comma list of cpu, cuda (default: cuda if available, and cpu)"
     )
-    parser.add_argument("--precisions", default="fp32,fp16", help="comma list of fp32, fp16")
+    parser.add_argument(
+        "--precisions",
+        default=None,
+        help="comma list of fp32, fp16, int8 (default: all three on CPU, no int8 with CUDA)",
+    )
     parser.add_argument("--threads", type=int, default=0, help="intra-op threads for ORT and torch (0 = default)")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per point")
     parser.add_argument("--warmup", type=int, default=2, help="untimed runs per point")
     parser.add_argument("--no-torch", dest="torch", action="store_false", help="skip the PyTorch eager baseline")
     parser.add_argument("--out", type=Path, default=Path("bench/results/engine.json"))
+    parser.add_argument(
+        "--keep-models", type=Path, default=None, help="write the exported files here (eat-<model>-<precision>.onnx)"
+    )
+    parser.add_argument("--note", default="", help="free text for the JSON, e.g. what else loaded the machine")
     args = parser.parse_args(argv)
     available = ort.get_available_providers()
     if args.providers is None:
@@ -262,9 +322,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if any(b < 1 for b in args.batch_sizes):
             parser.error("batch sizes must be >= 1")
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
-    args.precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
-    if not args.precisions or set(args.precisions) - {"fp32", "fp16"}:
-        parser.error("--precisions takes fp32 and/or fp16")
+    if args.precisions is None:
+        args.precisions = [p for p in PRECISIONS if p != "int8" or "cuda" not in args.providers]
+    else:
+        args.precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
+    if (
+        not args.precisions
+        or set(args.precisions) - set(PRECISIONS)
+        or len(set(args.precisions)) < len(args.precisions)
+    ):
+        parser.error(f"--precisions takes distinct values from {', '.join(PRECISIONS)}")
+    if "int8" in args.precisions and "cuda" in args.providers:
+        # onnxruntime's CUDA provider has no kernel for the int8 MatMuls; they would run on the CPU.
+        parser.error("int8 is a CPU precision; leave it out with --providers cuda")
     if not args.models:
         parser.error("--models needs at least one preset")
     if args.repeats < 1 or args.warmup < 0:
@@ -280,9 +350,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     results: list[Result] = []
+    accuracy: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="eat-bench-") as tmp:
+        workdir = args.keep_models or Path(tmp)
+        workdir.mkdir(parents=True, exist_ok=True)
         for size in args.models:
-            results.extend(bench_model(size, args, Path(tmp)))
+            results.extend(bench_model(size, args, workdir, accuracy))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "meta": {
@@ -297,7 +370,11 @@ def main(argv: list[str] | None = None) -> int:
             "repeats": args.repeats,
             "warmup": args.warmup,
             "weights": "random (EATClassifier.init_weights, 527 classes)",
+            "note": args.note,
         },
+        "command": "python bench/engine.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "export_accuracy": accuracy,
+        "speed_ratios": speed_ratios(results),
         "results": [asdict(r) for r in results],
     }
     args.out.write_text(json.dumps(payload, indent=2) + "\n")
@@ -308,6 +385,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{r.model:5s} {r.runtime:12s} {r.provider:4s} {r.precision} B={r.batch_size:<4d} "
             f"{r.latency_ms_median:9.1f} ms  {r.clips_per_s:8.2f} clips/s"
         )
+    for key, per_batch in payload["speed_ratios"].items():
+        print(f"{key}: " + ", ".join(f"B={b} {x:.2f}x" for b, x in per_batch.items()))
     return 0
 
 

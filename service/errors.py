@@ -33,6 +33,13 @@ class BadRequest(ServiceError):
     error_type = "bad_request"
 
 
+class InvalidParameter(ServiceError):
+    """A parameter whose range depends on the model (a hop longer than its window, a foreign model name)."""
+
+    status = 422
+    error_type = "bad_request"
+
+
 class InvalidAudio(ServiceError):
     """The bytes are not audio we can decode, or the decoded audio is unusable (empty, NaN, too short)."""
 

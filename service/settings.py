@@ -52,6 +52,9 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     decode_threads: int = Field(2, ge=1, description="threads decoding and resampling uploads")
     max_files: int = Field(16, ge=1, description="most files in one multipart request")
+    thresholds: Path | None = Field(
+        None, description='sound-event thresholds JSON {"default": 0.5, "classes": {"Siren": 0.3}}; None = 0.5'
+    )
 
     @field_validator("batch_buckets", "api_keys", "cors_origins", mode="before")
     @classmethod

@@ -423,6 +423,11 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         responses={503: {"model": Health}},
     )
     app.add_api_route("/metrics", metrics, methods=["GET"], tags=["health"], response_class=Response)
+    # Imported here: these modules import this one's dependencies (state, auth), so not at the top.
+    from service import routes_openai, routes_v2
+
+    for router in (*routes_v2.routers, routes_openai.router):
+        app.include_router(router, responses=_ERRORS)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,

@@ -181,6 +181,27 @@ class Inference:
         """Run all windows of all files as one ticket; split the rows back per file."""
         waveform = np.concatenate([d.windows.waveform for d in decoded])  # [sum W, S]
         num_samples = np.concatenate([d.windows.num_samples for d in decoded])  # [sum W]
+        results = await self.run_windows(waveform, num_samples, outputs, deadline=deadline, timings=timings,
+                                         disconnected=disconnected)
+        per_file, offset = [], 0
+        for d in decoded:
+            rows = slice(offset, offset + len(d.windows))
+            per_file.append({name: results[name][rows] for name in outputs})
+            offset = rows.stop
+        return per_file
+
+    async def run_windows(
+        self,
+        waveform: np.ndarray,
+        num_samples: np.ndarray,
+        outputs: tuple[str, ...],
+        *,
+        deadline: float,
+        timings: StageTimings,
+        disconnected: asyncio.Future | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Windows already cut (``waveform`` [W, S], ``num_samples`` [W]) through the shared batcher, as
+        one all-or-nothing ticket; the streaming route sends its windows this way."""
         ticket = self._batcher.submit(waveform, num_samples, outputs=outputs, deadline=deadline)
         waiters: set[asyncio.Future] = {ticket.future}
         if disconnected is not None:
@@ -205,9 +226,4 @@ class Inference:
             raise error
         ticket.future.result()  # raises the ticket's ServiceError (deadline in queue, engine failure)
         timings.queue_s, timings.inference_s = ticket.queue_wait_s, ticket.inference_s
-        per_file, offset = [], 0
-        for d in decoded:
-            rows = slice(offset, offset + len(d.windows))
-            per_file.append({name: ticket.results[name][rows] for name in outputs})
-            offset = rows.stop
-        return per_file
+        return {name: ticket.results[name] for name in outputs}

@@ -5,7 +5,8 @@ Protocol (the README and docs/serving.md show a client):
 - connect to ``/v1/stream?sample_rate=16000&encoding=pcm_s16le&hop=1.0&top_k=5&threshold=0.3``; every
   parameter is optional (defaults: 16 kHz, 16-bit little-endian PCM, the service's hop, 5 tags). With
   ``EAT_API_KEYS`` set, send ``Authorization: Bearer KEY`` or, from a browser (which cannot set
-  WebSocket headers), ``api_key=KEY`` in the query;
+  WebSocket headers), offer the subprotocols ``eat`` and ``eat.bearer.KEY``: the server picks ``eat``,
+  so the key is never echoed, and it stays out of URLs and access logs;
 - the server answers ``{"type": "ready", ...}`` with the model, window and hop;
 - the client sends binary frames of mono samples (``pcm_s16le`` or ``f32le``), each at most
   ``max_frame_samples`` (one second at the declared rate);
@@ -50,6 +51,7 @@ logger = logging.getLogger(__name__)
 
 ENCODINGS = {"pcm_s16le": np.dtype("<i2"), "f32le": np.dtype("<f4")}
 MIN_RATE, MAX_RATE = 1_000, 768_000
+PROTOCOL, KEY_PROTOCOL = "eat", "eat.bearer."
 
 router = APIRouter(tags=["streaming"])
 
@@ -77,7 +79,7 @@ class StreamParams:
 
 def _params(ws: WebSocket, inference: Inference) -> StreamParams:
     query = ws.query_params
-    unknown = sorted(set(query) - {"sample_rate", "encoding", "hop", "top_k", "threshold", "api_key"})
+    unknown = sorted(set(query) - {"sample_rate", "encoding", "hop", "top_k", "threshold"})
     if unknown:
         raise StreamClosed(1008, f"unknown parameters {unknown}")
     try:
@@ -105,7 +107,8 @@ def _authorised(ws: WebSocket, keys: list[str]) -> bool:
     scheme, _, token = ws.headers.get("authorization", "").partition(" ")
     if scheme.lower() == "bearer" and token.strip() in keys:
         return True
-    return ws.query_params.get("api_key", "") in keys
+    offered = ws.scope.get("subprotocols", [])
+    return any(p.startswith(KEY_PROTOCOL) and p[len(KEY_PROTOCOL) :] in keys for p in offered)
 
 
 class WindowBuffer:
@@ -207,7 +210,7 @@ def _close_code(err: ServiceError) -> int:
 @router.websocket("/v1/stream")
 async def stream(ws: WebSocket) -> None:
     state: ServiceState = ws.app.state.eat
-    await ws.accept()
+    await ws.accept(subprotocol=PROTOCOL if PROTOCOL in ws.scope.get("subprotocols", []) else None)
     try:
         try:
             await _serve(ws, state)
@@ -225,7 +228,7 @@ async def _serve(ws: WebSocket, state: ServiceState) -> None:
     inference = state.running()
     if not _authorised(ws, state.settings.api_keys):
         state.metrics.reject("unauthorized")
-        raise StreamClosed(1008, "missing or invalid API key: Authorization: Bearer KEY, or api_key=KEY")
+        raise StreamClosed(1008, "missing or invalid API key: Authorization: Bearer KEY, or subprotocol eat.bearer.KEY")
     if not inference.info.has_classifier:
         raise StreamClosed(1008, "this model has no classifier head")
     params = _params(ws, inference)

@@ -1,5 +1,5 @@
 """``/v1/stream`` through uvicorn's WebSocket server and the ``websockets`` client: the same tags as
-``/predict`` with the same hop, an API key in the query, and a close code for a bad frame."""
+``/predict`` with the same hop, an API key as a subprotocol (the browser's way), a close code for a bad frame."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def server(toy_onnx: Path, tmp_path_factory: pytest.TempPathFactory, start_serve
 
 
 async def stream(url: str, chunks: list[bytes]) -> list[dict]:
-    async with websockets.connect(f"{url}&api_key={KEY}") as ws:
+    async with websockets.connect(url, subprotocols=["eat", f"eat.bearer.{KEY}"]) as ws:
         assert json.loads(await ws.recv())["type"] == "ready"
         for chunk in chunks:
             await ws.send(chunk)
@@ -58,7 +58,7 @@ def test_bad_frame_and_missing_key_close_cleanly(server) -> None:
             with pytest.raises(websockets.ConnectionClosed):
                 await ws.recv()
             no_key = ws.close_code
-        async with websockets.connect(f"{ws_url}?api_key={KEY}") as ws:
+        async with websockets.connect(ws_url, additional_headers={"Authorization": f"Bearer {KEY}"}) as ws:
             await ws.recv()
             await ws.send(b"\x01\x02\x03")
             with pytest.raises(websockets.ConnectionClosed):

@@ -155,17 +155,20 @@ def test_bad_parameters_close_with_1008(make_client, query: str) -> None:
         assert close_code(ws) == 1008
 
 
-def test_api_keys_by_header_or_query(make_client, headless_model_path: Path) -> None:
+def test_api_keys_by_header_or_subprotocol(make_client, headless_model_path: Path) -> None:
     chunk = pcm16(np.full(1600, 0.1, np.float32)).tobytes()
     with make_client(api_keys=["k1"]) as client:
         with client.websocket_connect("/v1/stream") as ws:
             assert close_code(ws) == 1008
-        with client.websocket_connect("/v1/stream?api_key=wrong") as ws:
+        with client.websocket_connect("/v1/stream", subprotocols=["eat", "eat.bearer.wrong"]) as ws:
             assert close_code(ws) == 1008
-        with client.websocket_connect("/v1/stream?api_key=k1") as ws:
+        with client.websocket_connect("/v1/stream", subprotocols=["eat", "eat.bearer.k1"]) as ws:
+            assert ws.accepted_subprotocol == "eat"  # never the key
             assert stream_all(ws, [chunk])[2]["num_windows"] == 1
+        with client.websocket_connect("/v1/stream?api_key=k1") as ws:  # keys stay out of URLs (and logs)
+            assert close_code(ws) == 1008
         with client.websocket_connect("/v1/stream", headers={"authorization": "Bearer k1"}) as ws:
             assert stream_all(ws, [chunk])[2]["num_windows"] == 1
-        assert metric(client, "eat_rejections_total", 'reason="unauthorized"') == 2
+        assert metric(client, "eat_rejections_total", 'reason="unauthorized"') == 3  # a key in the URL counts as none
     with make_client(model_path=headless_model_path) as client, client.websocket_connect("/v1/stream") as ws:
         assert close_code(ws) == 1008

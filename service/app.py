@@ -424,9 +424,9 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     )
     app.add_api_route("/metrics", metrics, methods=["GET"], tags=["health"], response_class=Response)
     # Imported here: these modules import this one's dependencies (state, auth), so not at the top.
-    from service import routes_openai, routes_stream, routes_v2
+    from service import routes_openai, routes_page, routes_stream, routes_v2
 
-    for router in (*routes_v2.routers, routes_openai.router, routes_stream.router):
+    for router in (*routes_v2.routers, routes_openai.router, routes_stream.router, routes_page.page_router()):
         app.include_router(router, responses=_ERRORS)
     if settings.cors_origins:
         app.add_middleware(

@@ -7,6 +7,7 @@ downloads a browser here. Without it this test fails rather than skips, so CI ca
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 from pathlib import Path
 
@@ -14,8 +15,6 @@ import httpx
 import pytest
 import soundfile as sf
 from playwright.sync_api import sync_playwright
-
-from tests.integration.conftest import _load_toy_builder
 
 KEY = "page-key"
 
@@ -27,24 +26,27 @@ def chromium_path() -> str:
     return path
 
 
+def toy_module():
+    path = Path(__file__).resolve().parents[1] / "unit" / "service" / "svc_toy_model.py"
+    spec = importlib.util.spec_from_file_location("svc_toy_model_page", path)
+    module = importlib.util.module_from_spec(spec)
+    assert spec.loader is not None
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture(scope="module")
 def detector_server(tmp_path_factory: pytest.TempPathFactory, start_server):
     folder = tmp_path_factory.mktemp("page")
-    model = _load_toy_builder()(folder / "detector.onnx", target_frames=192, detector=True, name="toy-detector")
+    model = toy_module().build_toy_model(folder / "detector.onnx", target_frames=192, detector=True,
+                                         name="toy-detector")
     env = {"EAT_MODEL_PATH": str(model), "EAT_API_KEYS": KEY, "EAT_MAX_BATCH": "4", "EAT_BATCH_BUCKETS": "1,2,4"}
     with start_server(["-m", "service.server"], env, folder) as running:
         yield running
 
 
 def siren_wav(path: Path) -> Path:
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "svc_toy_model_page", Path(__file__).resolve().parents[1] / "unit" / "service" / "svc_toy_model.py")
-    module = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    spec.loader.exec_module(module)
-    sf.write(path, module.siren_scene(10.0, 3.0, 6.0), 16_000, subtype="PCM_16")
+    sf.write(path, toy_module().siren_scene(10.0, 3.0, 6.0), 16_000, subtype="PCM_16")
     return path
 
 

@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import io
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
 from starlette.websockets import WebSocketDisconnect
+from svc_helpers import wav_bytes
 from svc_toy_model import siren_scene
-from test_app import metric
+from test_app import metric, wait_for_metric
 
 from eat.contract import cut_windows
 from service.routes_stream import StreamClosed, WindowBuffer
@@ -172,3 +174,32 @@ def test_api_keys_by_header_or_subprotocol(make_client, headless_model_path: Pat
         assert metric(client, "eat_rejections_total", 'reason="unauthorized"') == 3  # a key in the URL counts as none
     with make_client(model_path=headless_model_path) as client, client.websocket_connect("/v1/stream") as ws:
         assert close_code(ws) == 1008
+
+
+def test_a_full_queue_closes_with_1013_and_an_engine_failure_with_1011(make_client, gated_engine) -> None:
+    frame = pcm16(np.full(16_000, 0.1, np.float32)).tobytes()  # 1 s: one full toy window at once
+    post = lambda client, seconds: client.post(
+        "/predict", content=wav_bytes(seconds), headers={"content-type": "audio/wav"})
+    with make_client(engine=gated_engine, max_batch=2, batch_buckets="1,2", queue_size=2) as client:
+        gated_engine.gate.clear()
+        gated_engine.entered.clear()
+        with ThreadPoolExecutor(3) as pool:  # the same filling as test_overload_answers_429_with_retry_after
+            first = pool.submit(post, client, 0.3)
+            assert gated_engine.entered.wait(10)
+            waiting = [pool.submit(post, client, 1.3)]
+            wait_for_metric(client, "eat_queue_wait_seconds_count", 3)
+            waiting.append(pool.submit(post, client, 1.3))
+            wait_for_metric(client, "eat_queue_depth", 2)
+            with client.websocket_connect("/v1/stream") as ws:
+                ws.receive_json()
+                ws.send_bytes(frame)
+                code = close_code(ws)
+            gated_engine.gate.set()
+            assert all(f.result().status_code == 200 for f in [first, *waiting])
+        assert code == 1013
+        assert metric(client, "eat_rejections_total", 'reason="queue_full"') == 1
+        gated_engine.fail_next = True
+        with client.websocket_connect("/v1/stream") as ws:
+            ws.receive_json()
+            ws.send_bytes(frame)
+            assert close_code(ws) == 1011

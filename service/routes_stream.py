@@ -211,17 +211,21 @@ def _close_code(err: ServiceError) -> int:
 async def stream(ws: WebSocket) -> None:
     state: ServiceState = ws.app.state.eat
     await ws.accept(subprotocol=PROTOCOL if PROTOCOL in ws.scope.get("subprotocols", []) else None)
+    code, reason = 1000, "done"
     try:
         try:
             await _serve(ws, state)
         except StreamClosed as err:
-            await ws.close(err.code, err.reason)
+            code, reason = err.code, err.reason
+            await ws.close(code, reason)
         except ServiceError as err:
             if err.reason is not None:
                 state.metrics.reject(err.reason)
-            await ws.close(_close_code(err), err.message[:120])
+            code, reason = _close_code(err), err.message[:120]
+            await ws.close(code, reason)
     except WebSocketDisconnect:
-        logger.info("stream client went away")
+        code, reason = 1006, "the client went away"
+    logger.info("stream closed with %d: %s", code, reason)  # one line per stream, as one per request
 
 
 async def _serve(ws: WebSocket, state: ServiceState) -> None:

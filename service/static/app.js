@@ -218,7 +218,10 @@ async function toggleRecording() {
     const stream = await navigator.mediaDevices.getUserMedia({ audio: true });
     const chunks = [];
     recorder = new MediaRecorder(stream);
-    recorder.ondataavailable = (e) => chunks.push(e.data);
+    recorder.ondataavailable = (e) => {
+      chunks.push(e.data);
+      $("record").dataset.chunks = chunks.length;  // lets a test see that audio is arriving
+    };
     recorder.onstop = () => {
       stream.getTracks().forEach((t) => t.stop());
       $("record").textContent = "Record"; $("record").classList.remove("recording");
@@ -226,7 +229,7 @@ async function toggleRecording() {
       recorder = null;
       analyse(blob, "recording.webm");
     };
-    recorder.start();
+    recorder.start(250);  // a chunk every 250 ms
     $("record").textContent = "Stop"; $("record").classList.add("recording");
   } catch (err) {
     showError(`cannot record: ${err.message}`);

@@ -97,6 +97,29 @@ def test_upload_shows_tags_timeline_events_and_spectrogram(detector_server, tmp_
             browser.close()
 
 
+def test_recording_from_the_microphone(detector_server) -> None:
+    """Chromium's fake microphone (a beep) -> MediaRecorder (WebM/Opus) -> /predict decodes it with PyAV."""
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=chromium_path(), headless=True,
+            args=["--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream"])
+        try:
+            page = browser.new_page()
+            page.goto(f"{detector_server.url}/")
+            page.fill("#key", KEY)
+            page.dispatch_event("#key", "change")
+            page.wait_for_function("document.getElementById('model').textContent.includes('toy-detector')")
+            page.click("#record")
+            page.wait_for_function("Number(document.getElementById('record').dataset.chunks || 0) >= 8", timeout=30_000)
+            page.click("#record")
+            page.wait_for_function("document.getElementById('status').textContent.startsWith('recording.webm')",
+                                   timeout=30_000)
+            assert page.is_hidden("#error")
+            assert page.locator("#tags .tag").count() == 2  # both classes of the detector, scored
+        finally:
+            browser.close()
+
+
 def test_static_files_are_served_by_name_only(detector_server) -> None:
     assert httpx.get(f"{detector_server.url}/").headers["content-type"].startswith("text/html")
     assert httpx.get(f"{detector_server.url}/static/app.js").status_code == 200

@@ -40,7 +40,7 @@ import soundfile as sf
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from eat.contract import cut_windows  # noqa: E402
+from eat.contract import SAMPLE_RATE, cut_windows  # noqa: E402
 from eat.engine import OnnxEngine  # noqa: E402  (after the path set-up, so `python bench/load.py` works)
 
 
@@ -88,10 +88,10 @@ def engine_baseline(model: Path, threads: int, batch_sizes: list[int], repeats: 
 
 def ten_second_wav(seconds: float = 10.0) -> bytes:
     rng = np.random.default_rng(1)
-    t = np.arange(int(seconds * 16_000)) / 16_000
+    t = np.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE
     x = 0.2 * np.sin(2 * np.pi * 440 * t) + 0.05 * rng.standard_normal(len(t))
     buffer = io.BytesIO()
-    sf.write(buffer, x.astype(np.float32), 16_000, format="WAV", subtype="PCM_16")
+    sf.write(buffer, x.astype(np.float32), SAMPLE_RATE, format="WAV", subtype="PCM_16")
     return buffer.getvalue()
 
 
@@ -277,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     engine["batch1_call_ms"] = engine["per_batch"][0]["call_ms_median"] if batch_sizes[0] == 1 else None
     # A 10 s upload is one window for a 10 s model but several for a shorter one: compare windows/s,
     # and at concurrency 1 compare with the engine calls that one request's windows need.
-    clip = np.zeros(10 * 16_000, np.float32)  # the uploads of ten_second_wav()
+    clip = np.zeros(10 * SAMPLE_RATE, np.float32)  # the uploads of ten_second_wav()
     windows_per_request = len(
         cut_windows(clip, window_samples=engine["window_samples"], hop_samples=engine["window_samples"])
     )

@@ -16,7 +16,16 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from eat.contract import SAMPLE_RATE, ModelInfo, metadata_props, num_frames, parse_metadata, window_samples_for
+from eat.contract import (
+    FRAME_SHIFT_SAMPLES,
+    PATCH_FRAMES,
+    SAMPLE_RATE,
+    ModelInfo,
+    metadata_props,
+    num_frames,
+    parse_metadata,
+    window_samples_for,
+)
 from model.checkpoints import LoadedCheckpoint, build_model, load_checkpoint
 from model.classifier import EATClassifier
 from model.config import FrontendConfig, Label
@@ -86,10 +95,10 @@ def window_frames(
     frames = int(num_frames(samples))
     if frames < 1:
         raise WindowError(f"a {window_seconds} s window holds no 25 ms frame; use at least 0.025 s")
-    covering = math.ceil(frames / 16) * 16
+    covering = math.ceil(frames / PATCH_FRAMES) * PATCH_FRAMES
     if target_frames is None:
         target = trained_frames if frames <= trained_frames else covering
-    elif target_frames % 16 or target_frames < covering:
+    elif target_frames % PATCH_FRAMES or target_frames < covering:
         raise WindowError(
             f"--target-frames must be a multiple of 16 of at least {covering} for a {window_seconds} s window "
             f"({frames} frames), got {target_frames}"
@@ -99,7 +108,7 @@ def window_frames(
     if target > max_frames:
         raise WindowError(
             f"a {window_seconds} s window needs {target} frames; the model's position table covers "
-            f"{max_frames} ({max_frames * 160 / SAMPLE_RATE:.1f} s)"
+            f"{max_frames} ({max_frames * FRAME_SHIFT_SAMPLES / SAMPLE_RATE:.1f} s)"
         )
     return samples, target
 

@@ -29,6 +29,7 @@ from training.data.dataset import AudioDataset
 from training.data.manifest import read_labels_csv
 from training.data.sampler import ResumableLoader, ResumableSampler, make_loader
 from training.data.splits import load_split
+from training.data.windows import window_loader
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +94,7 @@ def evaluate(
     was_training = model.training
     model.eval()
     frontend = frontend.to(device).eval()
-    all_logits, all_targets = [], []
+    all_logits, all_targets, all_clips = [], [], []
     try:
         for batch in loader:
             waveform = batch["waveform"].to(device, non_blocking=True)  # [B, S]
@@ -111,11 +112,15 @@ def evaluate(
                 raise ValueError(f"targets {tuple(target.shape)} do not match logits {tuple(logits.shape)}")
             all_logits.append(logits.cpu())
             all_targets.append(target.float().cpu())
+            if "clip" in batch:
+                all_clips.append(batch["clip"])
     finally:
         model.train(was_training)
     if not all_logits:
         raise ValueError("evaluation data is empty")
     logits, targets = torch.cat(all_logits), torch.cat(all_targets)  # [N, C]
+    if all_clips:  # rows are windows (training.data.windows): each clip's logits are its windows' max
+        logits, targets = max_over_windows(logits, targets, torch.cat(all_clips))
     if multi_label:
         scores = torch.sigmoid(logits)
         loss = F.binary_cross_entropy_with_logits(logits, targets, reduction="sum") / len(logits)
@@ -130,6 +135,19 @@ def evaluate(
         "num_clips": len(logits),
         "per_class_ap": per_class,
     }
+
+
+def max_over_windows(
+    logits: torch.Tensor, targets: torch.Tensor, clips: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Window rows [N, C] -> clip rows [K, C], the max logit per class, as the service scores a clip
+    (the max of sigmoids is the sigmoid of the max). A clip's windows must be consecutive rows."""
+    _, inverse = torch.unique_consecutive(clips, return_inverse=True)  # a clip's windows are consecutive
+    num_clips = int(inverse.max()) + 1
+    out = torch.full((num_clips, logits.shape[1]), -torch.inf, dtype=logits.dtype)
+    out = out.scatter_reduce(0, inverse[:, None].expand_as(logits), logits, reduce="amax")
+    clip_targets = torch.zeros(num_clips, targets.shape[1], dtype=targets.dtype).index_copy(0, inverse, targets)
+    return out, clip_targets
 
 
 def write_ap_log(path: str | Path, labels: Sequence[Label], per_class_ap: np.ndarray) -> None:
@@ -167,6 +185,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-samples", type=int, default=10_000,
                         help="drop clips shorter than this many samples, as EAT's training-time validation "
                              "does (EAT's standalone eval.py keeps them: pass 0)")
+    parser.add_argument("--aggregate", choices=("first", "max"), default="first",
+                        help="first: score each clip's first window, as EAT evaluates (default); max: cover the "
+                             "whole clip with windows and take the max, as the service and `eat predict` do")
     parser.add_argument("--ap-log", type=Path, default=None, help="write per-class AP in EAT's results format")
     parser.add_argument("--json", type=Path, default=None, help="write the metrics as JSON")
 
@@ -202,12 +223,15 @@ def run(args: argparse.Namespace) -> int:
         frontend_cfg = dataclasses.replace(frontend_cfg, target_frames=args.target_frames)
     multi_label = not manifest.is_single_label if args.task == "auto" else args.task == "multi-label"
 
-    dataset = AudioDataset(manifest, clip_samples=frontend_cfg.window_samples)
-    sampler = ResumableSampler(len(dataset), shuffle=False)
-    loader = make_loader(dataset, args.batch_size, sampler, args.num_workers, pin_memory=device.type == "cuda")
+    if args.aggregate == "max":  # whole clips in windows of exactly target_frames frames (the twin's rule)
+        loader = window_loader(manifest, frontend_cfg.window_samples, args.batch_size, args.num_workers)
+    else:
+        dataset = AudioDataset(manifest, clip_samples=frontend_cfg.window_samples)
+        sampler = ResumableSampler(len(dataset), shuffle=False)
+        loader = make_loader(dataset, args.batch_size, sampler, args.num_workers, pin_memory=device.type == "cuda")
     model = build_model(loaded).to(device)
-    logger.info("evaluating %s on %d clips of %s/%s (%s, %s)", loaded.name, len(dataset), args.data,
-                args.split, "multi-label" if multi_label else "single-label", device)
+    logger.info("evaluating %s on %d clips of %s/%s (%s, %s, %s)", loaded.name, len(manifest), args.data,
+                args.split, "multi-label" if multi_label else "single-label", device, args.aggregate)
     result = evaluate(model, loader, LogMelFrontend(frontend_cfg), device, multi_label)
 
     num_scored = int(np.count_nonzero(~np.isnan(result["per_class_ap"])))

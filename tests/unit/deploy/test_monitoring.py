@@ -33,14 +33,14 @@ from deploy_files import (
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from eat.contract import Label, ModelInfo
+from eat.contract import Label, ModelInfo, window_samples_for
 from service.app import create_app
 from service.settings import Settings
 
 PROMETHEUS = REPO_ROOT / "deploy/prometheus"
 GRAFANA = REPO_ROOT / "deploy/grafana"
 DASHBOARD = GRAFANA / "dashboards/eat.json"
-WINDOW_SAMPLES = 400 + 160 * 63  # 64 frames: a 0.4 s window keeps the fake engine's arrays small
+WINDOW_SAMPLES = window_samples_for(64)  # 64 frames: a 0.4 s window keeps the fake engine's arrays small
 
 
 class FakeEngine:

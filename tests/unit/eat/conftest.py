@@ -52,6 +52,3 @@ def case_dir(fixtures_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
             sf.write(folder / f"{name}.wav", cases[key], SAMPLE_RATE, subtype="FLOAT")
     return root
 
-
-def case_path(case_dir: Path, name: str) -> Path:
-    return case_dir / "sub" / f"{name}.wav" if name == "clip12" else case_dir / f"{name}.wav"

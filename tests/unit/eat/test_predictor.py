@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from conftest import case_path
+from eat_cases import case_path
 from fastapi.testclient import TestClient
 
 from eat import Predictor, hear

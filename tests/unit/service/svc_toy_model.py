@@ -14,11 +14,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from eat.contract import window_samples_for
+
 FREQ_PATCHES = 8
-
-
-def window_samples_for(target_frames: int) -> int:
-    return 400 + 160 * (target_frames - 1)
 
 
 def toy_labels(num_classes: int) -> list[list]:

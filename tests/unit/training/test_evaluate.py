@@ -10,6 +10,7 @@ import pytest
 import torch
 from sklearn.metrics import average_precision_score
 
+from eat import Predictor
 from model.checkpoints import save_checkpoint
 from model.classifier import EATClassifier
 from model.config import FrontendConfig, tiny
@@ -126,3 +127,36 @@ def test_eat_evaluate_user_errors(data, tmp_path: Path, capsys) -> None:
     assert "not found" in capsys.readouterr().err
     assert main(["evaluate", str(wrong), "--data", str(data.data_dir), "--device", "gpu7"]) == 2
     assert "not a torch device" in capsys.readouterr().err
+
+
+def test_max_over_windows_gives_each_clip_its_best_window() -> None:
+    logits = torch.tensor([[0.0, 5.0], [2.0, -1.0], [1.0, 1.0], [-3.0, 4.0], [7.0, 0.0]])
+    targets = torch.tensor([[1.0, 0.0]] * 2 + [[0.0, 1.0]] * 3)
+    clip_logits, clip_targets = ev.max_over_windows(logits, targets, torch.tensor([4, 4, 9, 9, 9]))
+    assert clip_logits.tolist() == [[2.0, 5.0], [7.0, 4.0]]
+    assert clip_targets.tolist() == [[1.0, 0.0], [0.0, 1.0]]
+
+
+def test_eat_evaluate_aggregate_max_scores_clips_as_the_predictor(data, classifier, tmp_path, capsys) -> None:
+    """With --aggregate max, each 1 s clip is three 0.49 s windows; the mAP equals the one computed from
+    eat.Predictor's clip scores (the service's rule), and differs from scoring the first window only."""
+    short = FrontendConfig(target_frames=48)
+    ckpt = save_checkpoint(tmp_path / "clf.safetensors", classifier, short, labels=synthetic.labels())
+    json_max, json_first = tmp_path / "max.json", tmp_path / "first.json"
+    assert main(["evaluate", str(ckpt), "--data", str(data.data_dir), "--aggregate", "max", "--json",
+                 str(json_max), "--batch-size", "2"]) == 0
+    assert main(["evaluate", str(ckpt), "--data", str(data.data_dir), "--json", str(json_first)]) == 0
+    capsys.readouterr()
+    manifest = load_split(data.data_dir, "eval")
+    predictor = Predictor.from_checkpoint(ckpt, window_seconds=None)
+    assert predictor.info.window_samples == short.window_samples
+    scores = np.stack([predictor.predict(item.path).scores for item in manifest.items])
+    assert all(predictor.predict(item.path).num_windows == 3 for item in manifest.items)
+    targets = np.zeros_like(scores)
+    for row, item in enumerate(manifest.items):
+        targets[row, list(item.targets)] = 1.0
+    expected, _ = ev.mean_average_precision(scores, targets)
+    got = json.loads(json_max.read_text())
+    assert got["num_clips"] == 6
+    assert got["mAP"] == pytest.approx(expected, abs=1e-4)
+    assert got["mAP"] != json.loads(json_first.read_text())["mAP"]

@@ -203,3 +203,9 @@ def test_a_full_queue_closes_with_1013_and_an_engine_failure_with_1011(make_clie
             ws.receive_json()
             ws.send_bytes(frame)
             assert close_code(ws) == 1011
+
+
+def test_an_idle_stream_is_closed_with_1001(make_client) -> None:
+    with make_client(request_timeout_s=0.2) as client, client.websocket_connect("/v1/stream") as ws:
+        assert ws.receive_json()["type"] == "ready"
+        assert close_code(ws) == 1001  # the server's own idle timer closes it; the test only waits for that

@@ -223,8 +223,8 @@ async def stream(ws: WebSocket) -> None:
                 state.metrics.reject(err.reason)
             code, reason = _close_code(err), err.message[:120]
             await ws.close(code, reason)
-    except WebSocketDisconnect:
-        code, reason = 1006, "the client went away"
+    except WebSocketDisconnect as err:
+        code, reason = err.code, "the client closed the stream or went away"
     logger.info("stream closed with %d: %s", code, reason)  # one line per stream, as one per request
 
 
@@ -252,7 +252,7 @@ async def _serve(ws: WebSocket, state: ServiceState) -> None:
         except asyncio.TimeoutError:
             raise StreamClosed(1001, "idle: no frame within EAT_REQUEST_TIMEOUT_S") from None
         if message["type"] == "websocket.disconnect":
-            return
+            raise WebSocketDisconnect(message.get("code", 1005))
         if message.get("bytes") is not None:
             buffer.push(_samples(message["bytes"], params, resampler))
             await _send_windows(ws, state, inference, params, buffer.ready())

@@ -14,6 +14,7 @@ import sys
 
 from eat.audio import AudioError
 from eat.bulk import add_engine_arguments, run_from_args
+from eat.events import Thresholds, read_thresholds
 from eat.inputs import add_model_arguments, list_inputs, open_predictor
 from eat.predictor import DEFAULT_TOP_K, Prediction, Tag
 from eat.sources import list_sources
@@ -32,13 +33,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="write each window's top tags to this Parquet dataset (a folder, resumable) instead")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (with --out)")
     add_engine_arguments(parser)
+    parser.add_argument("--events", action="store_true",
+                        help="also list sound events (onset, offset, peak) per class; use a --hop under the window")
+    parser.add_argument("--thresholds", default=None,
+                        help='event thresholds JSON {"default": 0.5, "classes": {"Siren": 0.3}} (default: 0.5)')
 
 
 def _row(rank: int, tag: Tag) -> str:
     return f"  {rank:>4}  {tag.score:.4f}  {tag.name}  ({tag.id})"
 
 
-def format_table(p: Prediction, *, top_k: int, threshold: float | None, timeline: bool) -> str:
+def format_table(p: Prediction, *, top_k: int, threshold: float | None, timeline: bool,
+                 events: Thresholds | None = None) -> str:
     windows = "window" if p.num_windows == 1 else "windows"
     lines = [f"{p.name}  ({p.duration_s:.2f} s, {p.num_windows} {windows})", "  rank  score   label"]
     lines += [_row(rank, tag) for rank, tag in enumerate(p.tags(top_k, threshold), start=1)]
@@ -46,10 +52,15 @@ def format_table(p: Prediction, *, top_k: int, threshold: float | None, timeline
         for w in p.timeline(top_k, threshold):
             lines.append(f"  [{w.start_s:8.2f} s - {w.end_s:8.2f} s]")
             lines += ["  " + _row(rank, tag) for rank, tag in enumerate(w.tags, start=1)]
+    if events is not None:
+        lines.append("  events: onset_s  offset_s  peak  label")
+        lines += [f"  {e.onset_s:14.2f}  {e.offset_s:8.2f}  {e.peak_score:.4f}  {e.name}  ({e.id})"
+                  for e in p.events(events)]
     return "\n".join(lines)
 
 
-def as_json(p: Prediction, *, top_k: int, threshold: float | None, timeline: bool) -> dict:
+def as_json(p: Prediction, *, top_k: int, threshold: float | None, timeline: bool,
+            events: Thresholds | None = None) -> dict:
     result = {
         "filename": p.name,
         "duration_s": p.duration_s,
@@ -58,6 +69,8 @@ def as_json(p: Prediction, *, top_k: int, threshold: float | None, timeline: boo
     }
     if timeline:
         result["timeline"] = [dataclasses.asdict(w) for w in p.timeline(top_k, threshold)]
+    if events is not None:
+        result["events"] = [dataclasses.asdict(e) for e in p.events(events)]
     return result
 
 
@@ -76,7 +89,11 @@ def run(args: argparse.Namespace) -> int:
     with open_predictor(args, hop_seconds=args.hop) as predictor:
         if not predictor.info.has_classifier:
             raise ValueError(f"{predictor.info.model_name} has no classifier head; use `eat extract` for embeddings")
-        options = {"top_k": args.top_k, "threshold": args.threshold, "timeline": args.timeline}
+        events = None
+        if args.events:
+            events = read_thresholds(args.thresholds) if args.thresholds else Thresholds()
+            events.for_labels(predictor.info.labels)  # a class the model lacks fails before any file
+        options = {"top_k": args.top_k, "threshold": args.threshold, "timeline": args.timeline, "events": events}
         for item in inputs:
             try:
                 p = predictor.predict(item.path, mode=args.mode, name=str(item.path))

@@ -41,6 +41,7 @@ from eat.contract import (
     window_samples_for,
 )
 from eat.engine import Engine
+from eat.events import Event, EventOptions, Thresholds, detect_events
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +102,16 @@ class Prediction:
                                                                               threshold=threshold))
             for start, end, s in zip(self.window_start_s, self.window_end_s, self.window_scores, strict=True)
         ]
+
+    def events(
+        self, thresholds: Thresholds | float | None = None, options: EventOptions | None = None
+    ) -> list[Event]:
+        """Sound events with onset and offset (``eat.events``); overlapping windows (a hop under the
+        window) make the times finer than a window."""
+        if not isinstance(thresholds, Thresholds):
+            thresholds = Thresholds().with_default(thresholds)
+        return detect_events(self.window_scores, self.window_start_s, self.window_end_s, self.labels,
+                             thresholds=thresholds.for_labels(self.labels), options=options or EventOptions())
 
 
 @dataclass(frozen=True)
@@ -301,6 +312,7 @@ class Predictor:
 __all__ = [
     "Clip",
     "Embedding",
+    "Event",
     "Prediction",
     "Predictor",
     "Tag",

@@ -27,6 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from eat.contract import ModelInfo, hop_samples_for
 from eat.engine import Engine, OnnxEngine
+from eat.events import Thresholds, read_thresholds
 from eat.predictor import Embedding, Prediction
 from service.admission import Admission
 from service.batcher import Batcher
@@ -39,6 +40,7 @@ from service.schemas import (
     EmbedResponse,
     EmbedResult,
     ErrorBody,
+    EventOut,
     Health,
     LabelOut,
     LabelsResponse,
@@ -134,6 +136,9 @@ async def predict(
     top_k: Annotated[int, Query(ge=1, le=1000, description="tags per file (and per window)")] = 5,
     threshold: Annotated[float | None, Query(ge=0.0, le=1.0, description="drop tags scoring below")] = None,
     timeline: Annotated[bool, Query(description="add per-window tags (start_s, end_s)")] = False,
+    events: Annotated[bool, Query(description="add sound events (onset_s, offset_s, peak_score)")] = False,
+    hop: Annotated[float | None, Query(gt=0, description="seconds between windows, < window for events")] = None,
+    event_threshold: Annotated[float | None, Query(ge=0.0, le=1.0, description="global event threshold")] = None,
 ) -> PredictResponse:
     """Tag audio: clip scores are the max over the model's windows; `timeline=true` adds each window."""
     inference, pool = state.running()
@@ -153,9 +158,12 @@ async def predict(
             deadline=deadline,
             timings=_timings(request),
             disconnected=gone,
+            hop_s=hop,
         )
     response.headers.update(_timings(request).headers())
-    results = [predict_result(p, top_k=top_k, threshold=threshold, timeline=timeline) for p in predictions]
+    thresholds = inference.thresholds.with_default(event_threshold) if events else None
+    results = [predict_result(p, top_k=top_k, threshold=threshold, timeline=timeline, events=thresholds)
+               for p in predictions]
     return PredictResponse(model=inference.info.model_name, results=results)
 
 
@@ -195,7 +203,9 @@ async def embed(
     return EmbedResponse(model=inference.info.model_name, results=results)
 
 
-def predict_result(p: Prediction, *, top_k: int, threshold: float | None, timeline: bool) -> PredictResult:
+def predict_result(
+    p: Prediction, *, top_k: int, threshold: float | None, timeline: bool, events: Thresholds | None = None
+) -> PredictResult:
     rows = None
     if timeline:
         rows = [WindowTags(start_s=w.start_s, end_s=w.end_s, tags=[Tag(**vars(t)) for t in w.tags])
@@ -206,6 +216,7 @@ def predict_result(p: Prediction, *, top_k: int, threshold: float | None, timeli
         num_windows=p.num_windows,
         tags=[Tag(**vars(t)) for t in p.tags(top_k, threshold)],
         timeline=rows,
+        events=None if events is None else [EventOut(**vars(e)) for e in p.events(events)],
     )
 
 
@@ -338,6 +349,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     engine = state.engine
     info = engine.info
     hop_samples = hop_samples_for(s.hop_seconds, info.window_samples)
+    thresholds = read_thresholds(s.thresholds) if s.thresholds else Thresholds()
+    thresholds.for_labels(info.labels)  # a class the model lacks stops the start, with its name
     state.metrics.model_info.labels(
         model_name=info.model_name,
         provider=info.provider,
@@ -366,6 +379,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         executor=executor,
         hop_samples=hop_samples,
         max_duration_s=s.max_duration_s,
+        thresholds=thresholds,
     )
     state.batcher.start()
     state.ready = True
@@ -425,6 +439,11 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         responses={503: {"model": Health}},
     )
     app.add_api_route("/metrics", metrics, methods=["GET"], tags=["health"], response_class=Response)
+    # Imported here: these modules import this one's dependencies (state, auth), so not at the top.
+    from service import routes_openai, routes_page, routes_stream, routes_v2
+
+    for router in (*routes_v2.routers, routes_openai.router, routes_stream.router, routes_page.page_router()):
+        app.include_router(router, responses=_ERRORS)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,

@@ -36,6 +36,20 @@ class BadRequest(ServiceError):
     error_type = "bad_request"
 
 
+class InvalidParameter(ServiceError):
+    """A parameter whose range depends on the model (a hop longer than its window, a foreign model name)."""
+
+    status = 422
+    error_type = "bad_request"
+
+
+class ModelNotFound(ServiceError):
+    """A standard API (V2, OpenAI-style) named a model this server does not serve."""
+
+    status = 404
+    error_type = "model_not_found"
+
+
 class InvalidAudio(ServiceError):
     """The bytes are not audio we can decode, or the decoded audio is unusable (empty, NaN, too short)."""
 

@@ -20,10 +20,19 @@ from typing import Literal
 import numpy as np
 
 from eat import audio
-from eat.contract import Granularity, ModelInfo, outputs_for
+from eat.contract import Granularity, ModelInfo, hop_samples_for, outputs_for
+from eat.events import Thresholds
 from eat.predictor import Clip, Embedding, Prediction, embedding, prediction, prepare
 from service.batcher import Batcher
-from service.errors import AudioTooLong, Cancelled, DeadlineExceeded, InvalidAudio, NoClassifier, ServiceError
+from service.errors import (
+    AudioTooLong,
+    Cancelled,
+    DeadlineExceeded,
+    InvalidAudio,
+    InvalidParameter,
+    NoClassifier,
+    ServiceError,
+)
 from service.metrics import Metrics
 
 # /embed's names: `cls` is the utterance (CLS) vector; the rest are eat.contract's granularities.
@@ -32,8 +41,11 @@ Pooling = Literal["cls", "mean", "time", "frame", "all"]
 
 @dataclass
 class Upload:
+    """A file's bytes (any format), or a waveform [S] / [S, C] at ``sample_rate`` (V2 tensors)."""
+
     filename: str
-    data: bytes
+    data: bytes | np.ndarray
+    sample_rate: int | None = None
 
 
 @dataclass
@@ -62,8 +74,10 @@ class Inference:
         executor: Executor,
         hop_samples: int,
         max_duration_s: float,
+        thresholds: Thresholds | None = None,
     ) -> None:
         self.info = info
+        self.thresholds = thresholds or Thresholds()  # sound-event thresholds, checked against the labels
         self._batcher = batcher
         self._metrics = metrics
         self._executor = executor
@@ -77,12 +91,38 @@ class Inference:
         deadline: float,
         timings: StageTimings,
         disconnected: asyncio.Future | None = None,
+        hop_s: float | None = None,
     ) -> list[Prediction]:
+        """``hop_s`` overrides the service's window hop for this request (overlapping windows for events)."""
         if not self.info.has_classifier:
             raise NoClassifier("this model has no classifier head; use /embed")
-        clips = await self._decode_all(uploads, deadline=deadline, timings=timings)
-        outputs = await self._infer(clips, ("logits",), deadline=deadline, timings=timings, disconnected=disconnected)
-        return [prediction(clip, out["logits"], self.info.labels) for clip, out in zip(clips, outputs, strict=True)]
+        done = await self.infer(uploads, ("logits",), deadline=deadline, timings=timings, disconnected=disconnected,
+                                hop_s=hop_s)
+        return [prediction(clip, out["logits"], self.info.labels) for clip, out in done]
+
+    async def infer(
+        self,
+        uploads: list[Upload],
+        outputs: tuple[str, ...],
+        *,
+        deadline: float,
+        timings: StageTimings,
+        disconnected: asyncio.Future | None = None,
+        hop_s: float | None = None,
+    ) -> list[tuple[Clip, dict[str, np.ndarray]]]:
+        """Each file's clip with its windows' raw ``outputs``, for routes that shape their own answers."""
+        hop_samples = self.hop_samples_for(hop_s)
+        clips = await self._decode_all(uploads, deadline=deadline, timings=timings, hop_samples=hop_samples)
+        results = await self._infer(clips, outputs, deadline=deadline, timings=timings, disconnected=disconnected)
+        return list(zip(clips, results, strict=True))
+
+    def hop_samples_for(self, hop_s: float | None) -> int:
+        if hop_s is None:
+            return self._hop_samples
+        try:
+            return hop_samples_for(hop_s, self.info.window_samples)
+        except ValueError as err:
+            raise InvalidParameter(f"hop: {err}") from None
 
     async def embed(
         self,
@@ -100,14 +140,17 @@ class Inference:
         outputs = await self._infer(clips, wanted, deadline=deadline, timings=timings, disconnected=disconnected)
         return [embedding(clip, out, self.info, granularity) for clip, out in zip(clips, outputs, strict=True)]
 
-    async def _decode_all(self, uploads: list[Upload], *, deadline: float, timings: StageTimings) -> list[Clip]:
+    async def _decode_all(
+        self, uploads: list[Upload], *, deadline: float, timings: StageTimings, hop_samples: int | None = None
+    ) -> list[Clip]:
         loop = asyncio.get_running_loop()
         start = time.monotonic()
         jobs = []
         try:
             for upload in uploads:
                 # copy_context: the decode thread logs with this request's id (STYLE.md §5)
-                call = functools.partial(contextvars.copy_context().run, self._decode_one, upload)
+                call = functools.partial(contextvars.copy_context().run, self._decode_one, upload,
+                                         hop_samples or self._hop_samples)
                 jobs.append(loop.run_in_executor(self._executor, call))
         except ServiceError:  # a full decode pool refused a file: drop this request's other files too
             for job in jobs:
@@ -120,10 +163,10 @@ class Inference:
         timings.decode_s = time.monotonic() - start
         return list(decoded)
 
-    def _decode_one(self, upload: Upload) -> Clip:
+    def _decode_one(self, upload: Upload, hop_samples: int) -> Clip:
         start = time.monotonic()
         try:
-            clip = prepare(upload.data, info=self.info, hop_samples=self._hop_samples,
+            clip = prepare(upload.data, info=self.info, hop_samples=hop_samples, sample_rate=upload.sample_rate,
                            max_duration_s=self._max_duration_s, name=upload.filename)
         except audio.AudioTooLong as err:
             raise AudioTooLong(str(err)) from None
@@ -145,6 +188,27 @@ class Inference:
         """Run all windows of all files as one ticket; split the rows back per file."""
         waveform = np.concatenate([d.windows.waveform for d in decoded])  # [sum W, S]
         num_samples = np.concatenate([d.windows.num_samples for d in decoded])  # [sum W]
+        results = await self.run_windows(waveform, num_samples, outputs, deadline=deadline, timings=timings,
+                                         disconnected=disconnected)
+        per_file, offset = [], 0
+        for d in decoded:
+            rows = slice(offset, offset + len(d.windows))
+            per_file.append({name: results[name][rows] for name in outputs})
+            offset = rows.stop
+        return per_file
+
+    async def run_windows(
+        self,
+        waveform: np.ndarray,
+        num_samples: np.ndarray,
+        outputs: tuple[str, ...],
+        *,
+        deadline: float,
+        timings: StageTimings,
+        disconnected: asyncio.Future | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Windows already cut (``waveform`` [W, S], ``num_samples`` [W]) through the shared batcher, as
+        one all-or-nothing ticket; the streaming route sends its windows this way."""
         ticket = self._batcher.submit(waveform, num_samples, outputs=outputs, deadline=deadline)
         waiters: set[asyncio.Future] = {ticket.future}
         if disconnected is not None:
@@ -169,9 +233,4 @@ class Inference:
             raise error
         ticket.future.result()  # raises the ticket's ServiceError (deadline in queue, engine failure)
         timings.queue_s, timings.inference_s = ticket.queue_wait_s, ticket.inference_s
-        per_file, offset = [], 0
-        for d in decoded:
-            rows = slice(offset, offset + len(d.windows))
-            per_file.append({name: ticket.results[name][rows] for name in outputs})
-            offset = rows.stop
-        return per_file
+        return {name: ticket.results[name] for name in outputs}

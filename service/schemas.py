@@ -20,12 +20,22 @@ class WindowTags(BaseModel):
     tags: list[Tag]
 
 
+class EventOut(BaseModel):
+    index: int
+    id: str
+    name: str
+    onset_s: float = Field(description="start of the event in the clip, seconds")
+    offset_s: float = Field(description="end of the event in the clip, seconds")
+    peak_score: float = Field(description="highest score of the windows overlapping the event")
+
+
 class PredictResult(BaseModel):
     filename: str
     duration_s: float
     num_windows: int
     tags: list[Tag]
     timeline: list[WindowTags] | None = Field(None, description="per-window tags, with ?timeline=true")
+    events: list[EventOut] | None = Field(None, description="sound events with times, with ?events=true")
 
 
 class PredictResponse(BaseModel):

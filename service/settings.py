@@ -63,6 +63,9 @@ class Settings(BaseSettings):
         description="most jobs queued or running in the decode pool; beyond it: 429. None = concurrency_limit",
     )
     max_files: int = Field(16, ge=1, description="most files in one multipart request")
+    thresholds: Path | None = Field(
+        None, description='sound-event thresholds JSON {"default": 0.5, "classes": {"Siren": 0.3}}; None = 0.5'
+    )
 
     @field_validator("batch_buckets", "api_keys", "cors_origins", mode="before")
     @classmethod

@@ -26,6 +26,13 @@ def headless_model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_toy_model(tmp_path_factory.mktemp("models") / "headless.onnx", num_classes=0, name="toy-headless")
 
 
+@pytest.fixture(scope="session")
+def detector_model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two classes whose scores the tests control: "Siren" on loud windows, "Silence" on the others."""
+    return build_toy_model(tmp_path_factory.mktemp("models") / "detector.onnx", target_frames=192, detector=True,
+                           name="toy-detector")
+
+
 @pytest.fixture
 def toy_engine(toy_model_path: Path) -> OnnxEngine:
     return OnnxEngine(toy_model_path, intra_op_threads=1)

@@ -23,6 +23,11 @@ def toy_labels(num_classes: int) -> list[list]:
     return [[i, f"/m/toy{i}", f"Toy sound {i}"] for i in range(num_classes)]
 
 
+# The detector's classes: AudioSet's ids for these two sounds.
+DETECTOR_LABELS = [[0, "/m/03kmc9", "Siren"], [1, "/m/028v0c", "Silence"]]
+DETECTOR_LEVEL = 0.15  # |sample| above which a window holds the "siren"
+
+
 def build_toy_model(
     path: Path,
     *,
@@ -31,8 +36,16 @@ def build_toy_model(
     num_classes: int = 5,
     seed: int = 0,
     name: str = "toy-eat",
+    detector: bool = False,
 ) -> Path:
-    """Write the model to ``path``; ``num_classes=0`` gives a headless (encoder-only) model."""
+    """Write the model to ``path``; ``num_classes=0`` gives a headless (encoder-only) model.
+
+    ``detector=True`` gives a model whose scores a test controls: two classes, "Siren" fires on any
+    window holding a sample louder than ``DETECTOR_LEVEL`` (logit 30 * (max|x| - level)) and
+    "Silence" on any other window. Padding is zeros, so it never fires.
+    """
+    if detector:
+        num_classes = len(DETECTOR_LABELS)
     rng = np.random.default_rng(seed)
     window = window_samples_for(target_frames)
     time_patches = target_frames // 16
@@ -63,7 +76,19 @@ def build_toy_model(
         helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["batch", embed_dim]),
         helper.make_tensor_value_info("tokens", TensorProto.FLOAT, ["batch", num_tokens, embed_dim]),
     ]
-    if num_classes:
+    if detector:
+        init += [
+            numpy_helper.from_array(np.array([[30.0, -30.0]], np.float32), "w_det"),
+            numpy_helper.from_array(np.array([-30.0 * DETECTOR_LEVEL, 30.0 * DETECTOR_LEVEL], np.float32), "b_det"),
+        ]
+        nodes += [
+            helper.make_node("Abs", ["waveform"], ["magnitude"]),
+            helper.make_node("ReduceMax", ["magnitude"], ["peak"], axes=[1], keepdims=1),  # [B, 1]
+            helper.make_node("MatMul", ["peak", "w_det"], ["head"]),
+            helper.make_node("Add", ["head", "b_det"], ["logits"]),  # [B, 2]
+        ]
+        outputs.append(helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", num_classes]))
+    elif num_classes:
         init += [
             numpy_helper.from_array(rng.normal(0, 0.5, (embed_dim, num_classes)).astype(np.float32), "w_head"),
             numpy_helper.from_array(rng.normal(0, 0.5, (num_classes,)).astype(np.float32), "b_head"),
@@ -88,7 +113,7 @@ def build_toy_model(
     metadata = {
         "eat.format_version": "1",
         "eat.model_name": name,
-        "eat.labels": json.dumps(toy_labels(num_classes)),
+        "eat.labels": json.dumps(DETECTOR_LABELS if detector else toy_labels(num_classes)),
         "eat.sample_rate": "16000",
         "eat.window_samples": str(window),
         "eat.target_frames": str(target_frames),
@@ -106,3 +131,15 @@ def build_toy_model(
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(path))
     return path
+
+
+def siren_scene(seconds: float = 10.0, onset_s: float = 3.0, offset_s: float = 6.0, seed: int = 0) -> np.ndarray:
+    """16 kHz float32: quiet noise with a rising-and-falling siren (600-1200 Hz, 0.5) from onset to offset."""
+    rate = 16_000
+    rng = np.random.default_rng(seed)
+    samples = (0.01 * rng.standard_normal(round(seconds * rate))).astype(np.float32)
+    t = np.arange(round(onset_s * rate), round(offset_s * rate)) / rate
+    freq = 900 + 300 * np.sin(2 * np.pi * 0.5 * t)  # Hz, two sweeps per 4 s
+    phase = 2 * np.pi * np.cumsum(freq) / rate
+    samples[round(onset_s * rate) : round(offset_s * rate)] += (0.5 * np.sin(phase)).astype(np.float32)
+    return samples

@@ -1,11 +1,12 @@
 """Admission at the door and the request's deadline, as a plain ASGI middleware (issue 14).
 
-Work requests (``POST /predict`` and ``POST /embed``) each take one of ``limit`` slots the moment the
-server hands them to the app: before any of the body is read. With every slot taken, the answer is an
-immediate 429 with ``Retry-After`` and the body is never read (uvicorn discards it and keeps the
-connection), so a flood costs the server one header parse per refused request, as TEI's
-``--max-concurrent-requests`` permit does. Other routes (health, metrics, model info) never take a
-slot, so probes and scrapes are answered however busy the work routes are.
+Work requests (``POST /predict``, ``/embed``, ``/v1/embeddings`` and V2's ``/v2/models/{name}/infer``)
+each take one of ``limit`` slots the moment the server hands them to the app: before any of the body
+is read. With every slot taken, the answer is an immediate 429 with ``Retry-After`` and the body is
+never read (uvicorn discards it and keeps the connection), so a flood costs the server one header
+parse per refused request, as TEI's ``--max-concurrent-requests`` permit does. Other routes (health,
+metrics, model info) never take a slot, so probes and scrapes are answered however busy the work
+routes are.
 
 Every request gets ``scope["state"]["deadline"]`` (``time.monotonic()`` seconds): arrival plus
 ``EAT_REQUEST_TIMEOUT_S``. This layer enforces it in two places the routes cannot:
@@ -28,7 +29,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service.errors import ConcurrencyLimit, DeadlineExceeded
 from service.metrics import Metrics
 
-WORK_ROUTES: frozenset[tuple[str, str]] = frozenset({("POST", "/predict"), ("POST", "/embed")})
+WORK_ROUTES: frozenset[str] = frozenset({"/predict", "/embed", "/v1/embeddings"})
+
+
+def is_work(method: str, path: str) -> bool:
+    """A request that carries audio to the model: our routes, OpenAI's embeddings and KServe V2's infer."""
+    return method == "POST" and (path in WORK_ROUTES or (path.startswith("/v2/models/") and path.endswith("/infer")))
 RETRY_AFTER_S = 1  # slots free as fast as requests finish: a second is the smallest honest hint
 
 
@@ -56,7 +62,7 @@ class Admission:
             return
         deadline = time.monotonic() + self.request_timeout_s
         scope.setdefault("state", {})["deadline"] = deadline
-        if (scope["method"], scope["path"]) not in WORK_ROUTES:
+        if not is_work(scope["method"], scope["path"]):
             await self.app(scope, receive, send)
             return
         if self._admitted >= self.limit:

@@ -23,8 +23,21 @@ from service.metrics import Metrics
 logger = logging.getLogger("service.access")
 
 ENDPOINTS: frozenset[str] = frozenset(
-    {"/predict", "/embed", "/health/live", "/health/ready", "/v1/model", "/v1/labels", "/metrics"}
+    {"/predict", "/embed", "/v1/embeddings", "/health/live", "/health/ready", "/v1/model", "/v1/labels", "/metrics",
+     "/"}
 )
+V2_INFER = "/v2/models/{name}/infer"
+
+
+def endpoint_label(path: str) -> str:
+    """The ``endpoint`` label of a path: bounded values, V2's model name folded into a template."""
+    if path in ENDPOINTS:
+        return path
+    if path.startswith("/v2/models/") and path.endswith("/infer"):
+        return V2_INFER
+    return "/v2" if path.startswith("/v2/") or path == "/v2" else "other"
+
+
 _QUIET = frozenset({"/health/live", "/health/ready", "/metrics"})  # probes and scrapes log at DEBUG
 _CLIENT_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 # h11 bounds headers that arrive in pieces; a large block that arrives at once is refused here.
@@ -42,7 +55,7 @@ class RequestContext:
             return
         start = time.perf_counter()
         path = scope["path"]
-        endpoint = path if path in ENDPOINTS else "other"  # bounded label values
+        endpoint = endpoint_label(path)
         given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
         request_id = given if _CLIENT_ID.match(given) else uuid.uuid4().hex
         timings = StageTimings()

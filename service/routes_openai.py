@@ -15,7 +15,6 @@ import base64
 import binascii
 import math
 import re
-import time
 from typing import Any
 
 import numpy as np
@@ -23,7 +22,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from eat.contract import PATCH_SECONDS
-from service.app import AuthDep, StateDep, _timings
+from service.app import AuthDep, StateDep, _deadline, _timings
 from service.bodies import parse_object, read_body, require_json
 from service.errors import BadRequest, ModelNotFound
 from service.inference import Upload
@@ -52,8 +51,8 @@ def _audio_bytes(item: Any, index: int) -> bytes:
 @router.post("/embeddings")
 async def embeddings(request: Request, state: StateDep) -> JSONResponse:
     """Audio embeddings, OpenAI style; the fields are documented in this module."""
-    inference = state.running()
-    deadline = time.monotonic() + state.settings.request_timeout_s
+    inference, _ = state.running()
+    deadline = _deadline(request)  # from arrival, set by the admission layer
     require_json(request)
     body = parse_object(await read_body(request, max_bytes=state.settings.max_upload_bytes), "the request body")
     unknown = sorted(set(body) - _KNOWN)

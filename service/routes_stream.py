@@ -229,7 +229,7 @@ async def stream(ws: WebSocket) -> None:
 
 
 async def _serve(ws: WebSocket, state: ServiceState) -> None:
-    inference = state.running()
+    inference, _ = state.running()
     if not _authorised(ws, state.settings.api_keys):
         state.metrics.reject("unauthorized")
         raise StreamClosed(1008, "missing or invalid API key: Authorization: Bearer KEY, or subprotocol eat.bearer.KEY")

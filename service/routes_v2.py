@@ -20,7 +20,6 @@ or ``binary_data_output`` for all). Errors are ``{"error": ...}`` with a 4xx, as
 from __future__ import annotations
 
 import json
-import time
 from typing import Any
 
 import numpy as np
@@ -28,7 +27,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from eat.contract import SAMPLE_RATE, clip_scores, sigmoid
-from service.app import AuthDep, ServiceState, StateDep, _timings
+from service.app import AuthDep, ServiceState, StateDep, _deadline, _timings
 from service.bodies import parse_object, read_body
 from service.errors import BadRequest, ModelNotFound, NoClassifier
 from service.inference import Upload
@@ -183,8 +182,8 @@ def _wanted(request_json: dict, available: list[str]) -> tuple[list[str], set[st
 @protected.post("/models/{name}/versions/{version}/infer")
 async def infer(name: str, request: Request, state: StateDep, version: str | None = None) -> Response:
     _model(state, name, version)
-    inference = state.running()
-    deadline = time.monotonic() + state.settings.request_timeout_s
+    inference, _ = state.running()
+    deadline = _deadline(request)  # from arrival, set by the admission layer
     body = await read_body(request, max_bytes=state.settings.max_upload_bytes)
     request_json, binary = _split_body(body, request.headers.get(HEADER_LENGTH))
     specs = request_json.get("inputs")

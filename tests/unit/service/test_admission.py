@@ -19,9 +19,10 @@ from svc_helpers import GatedEngine, wav_bytes
 from test_app import metric, wait_for_metric
 
 import service.inference
-from service.admission import Admission
+from service.admission import Admission, is_work
 from service.errors import DeadlineExceeded
 from service.metrics import Metrics
+from service.middleware import V2_INFER, endpoint_label
 
 
 def http_scope(method: str = "POST", path: str = "/predict") -> Scope:
@@ -284,3 +285,26 @@ def test_a_request_refused_by_the_decode_pool_drops_its_other_files(make_client,
         assert metric(client, "eat_rejections_total", 'reason="decode_queue_full"') == 1
     assert response.status_code == 429 and response.json()["error_type"] == "overloaded"
     assert calls in ([], ["0.wav"])
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "work"),
+    [
+        ("POST", "/predict", True),
+        ("POST", "/embed", True),
+        ("POST", "/v1/embeddings", True),
+        ("POST", "/v2/models/toy-eat/infer", True),
+        ("POST", "/v2/models/toy-eat/versions/1/infer", True),
+        ("GET", "/v2/models/toy-eat", False),
+        ("GET", "/health/ready", False),
+        ("GET", "/metrics", False),
+    ],
+)
+def test_every_route_that_carries_audio_takes_a_slot(method: str, path: str, work: bool) -> None:
+    assert is_work(method, path) is work
+
+
+def test_endpoint_labels_stay_bounded() -> None:
+    assert endpoint_label("/v2/models/any-name/infer") == endpoint_label("/v2/models/other/infer") == V2_INFER
+    assert endpoint_label("/v2/models/any-name") == "/v2" and endpoint_label("/v1/embeddings") == "/v1/embeddings"
+    assert endpoint_label("/nonsense/123") == "other"

@@ -8,7 +8,7 @@ pre-trained one should win: that is what EAT's pre-training is for, at toy scale
 
 Everything is a function of ``--seed`` (data, init, masks, augmentation), so two runs on the same
 machine give the same numbers. The recipes are sized for about 90 s on 2 quiet CPU cores (issue 13:
-``make serve`` on a fresh machine waits for it, and CI runs it): 1,000 pre-training updates of 16
+``make serve`` on a fresh machine waits for it, and CI runs it): 750 pre-training updates of 16
 clips, then 250 fine-tuning updates, short enough that the pre-trained start still shows in the
 score; it runs on one thread (``DemoPlan.torch_threads``). Outputs in ``--out``: ``model.safetensors``
 (the fine-tuned classifier), ``model.onnx`` (its verified export), ``demo.json`` (mAPs and timings)

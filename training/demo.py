@@ -46,9 +46,10 @@ class DemoPlan:
     num_eval: int = 300
     pretrain_recipe: str = "demo_pretrain"
     finetune_recipe: str = "demo_finetune"
-    # Intra-op threads while the demo runs (restored afterwards). The tiny model's ops are too small to
-    # gain from a second thread, and on a busy machine the threads' spin-waits made the demo several
-    # times slower (issue 13: the CI timed out on a busy machine); one thread keeps it predictable.
+    # Intra-op threads while the demo runs (restored afterwards). The tiny model's ops are small, and on
+    # a busy 2-core machine two threads spin-waited: 5 CPU-minutes without reaching pre-training update
+    # 500, where one thread finished the whole demo in 100 CPU-seconds (issue 13: CI timed out on a busy
+    # machine). One thread keeps the demo's time predictable.
     torch_threads: int = 1
 
 

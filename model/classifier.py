@@ -10,7 +10,8 @@ from model.encoder import Encoder
 
 
 class EATClassifier(nn.Module):
-    """Log-mel ``[B, 1, T, 128]`` -> logits ``[B, C]``.
+    """Log-mel ``[B, 1, T, 128]`` -> logits ``[B, C]``, in timm's stages:
+    ``forward_features`` (the encoder) then ``forward_head`` (pool, LayerNorm, Linear).
 
     Pooling is chosen at construction: the CLS token (EAT's ``CLS_TOKEN`` mode, every published
     recipe) or the mean of the patch tokens.
@@ -42,12 +43,18 @@ class EATClassifier(nn.Module):
     def pool(self, features: torch.Tensor) -> torch.Tensor:
         return self._pool(features)
 
-    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
-        """Encoder output ``[B, 1+N, D]`` -> logits ``[B, C]``."""
-        return self.head(self.fc_norm(self._pool(features)))
+    def forward_features(self, fbank: torch.Tensor) -> torch.Tensor:
+        """Log-mel ``[B, 1, T, 128]`` -> encoder tokens ``[B, 1+N, D]`` (CLS first)."""
+        return self.encoder.forward_features(fbank)
+
+    def forward_head(self, features: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Encoder tokens ``[B, 1+N, D]`` -> logits ``[B, C]``, or with ``pre_logits`` the pooled,
+        normalised embedding ``[B, D]`` the Linear head reads (timm's contract)."""
+        pooled = self.fc_norm(self._pool(features))
+        return pooled if pre_logits else self.head(pooled)
 
     def forward(self, fbank: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.encoder(fbank))
+        return self.forward_head(self.forward_features(fbank))
 
 
 def pool_cls(features: torch.Tensor) -> torch.Tensor:

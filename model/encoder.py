@@ -7,6 +7,9 @@ Tokens are time-major: token ``n = F·t + f`` covers frames ``16t…16t+15`` and
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -127,8 +130,10 @@ class Block(nn.Module):
 class Encoder(nn.Module):
     """Log-mel ``[B, 1, T, 128]`` -> ``[B, 1+N, D]`` (CLS first, then N = T/16·8 patch tokens).
 
-    Stages are separate so pre-training can mask between them: ``embed`` (conv + positions),
-    ``forward_tokens`` (CLS, input LayerNorm, blocks).
+    Stages in timm's shape: ``forward_features`` (the whole encoder) and ``forward_intermediates``
+    (per-block outputs, or FFN outputs for the EMA teacher). Pre-training masks between the two
+    halves of ``forward_features``: ``embed`` (conv + positions) and ``forward_tokens`` (CLS, input
+    LayerNorm, blocks).
     """
 
     def __init__(self, cfg: EATConfig) -> None:
@@ -176,17 +181,55 @@ class Encoder(nn.Module):
             x = block(x)
         return x
 
-    def forward_tokens_with_ffn(self, tokens: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """As ``forward_tokens``, plus every block's FFN output ``[B, 1+L, D]`` (teacher targets)."""
-        x = self._prepend_cls(tokens)
-        ffn = []
-        for block in self.blocks:
-            x, m = block.forward_with_ffn(x)
-            ffn.append(m)
-        return x, ffn
+    def forward_features(self, fbank: torch.Tensor) -> torch.Tensor:
+        """Log-mel ``[B, 1, T, 128]`` -> tokens ``[B, 1+N, D]`` (CLS first; EAT has no final norm)."""
+        return self.forward_tokens(self.embed(fbank))
+
+    def forward_intermediates(
+        self,
+        fbank: torch.Tensor,
+        indices: int | Sequence[int] | None = None,
+        *,
+        output: Literal["block", "ffn"] = "block",
+        stop_early: bool = False,
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The final tokens and chosen blocks' outputs, each ``[B, 1+N, D]`` (timm's contract).
+
+        ``indices``: an int ``n`` takes the last ``n`` blocks, a sequence takes those block indices
+        (negative counts from the end), ``None`` takes every block; intermediates come in block order.
+        ``output="ffn"`` returns each chosen block's FFN output before the residual and LN2 instead of
+        the block output: what EAT's teacher averages into its targets (eat-reference.md §3.4).
+        ``stop_early`` skips the blocks after the last chosen one (the returned final tokens are then
+        that block's output).
+        """
+        if output not in ("block", "ffn"):
+            raise ValueError(f"output must be 'block' or 'ffn', got {output!r}")
+        take = self._intermediate_indices(indices)
+        last = max(take) if stop_early else len(self.blocks) - 1
+        want_ffn = output == "ffn"
+        x = self._prepend_cls(self.embed(fbank))
+        intermediates = []
+        for i, block in enumerate(self.blocks[: last + 1]):
+            x, ffn = block.forward_with_ffn(x)
+            if i in take:
+                intermediates.append(ffn if want_ffn else x)
+        return x, intermediates
+
+    def _intermediate_indices(self, indices: int | Sequence[int] | None) -> set[int]:
+        depth = len(self.blocks)
+        if indices is None:
+            return set(range(depth))
+        if isinstance(indices, int):
+            if not 1 <= indices <= depth:
+                raise ValueError(f"take the last n blocks with 1 <= n <= {depth}, got {indices}")
+            return set(range(depth - indices, depth))
+        chosen = {i + depth if i < 0 else i for i in indices}
+        if not chosen or any(not 0 <= i < depth for i in chosen):
+            raise ValueError(f"block indices {list(indices)} are not all in [-{depth}, {depth})")
+        return chosen
 
     def forward(self, fbank: torch.Tensor) -> torch.Tensor:
-        return self.forward_tokens(self.embed(fbank))
+        return self.forward_features(fbank)
 
     @torch.no_grad()
     def extend_positions(self, stored: torch.Tensor) -> None:

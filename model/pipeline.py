@@ -45,7 +45,7 @@ class EmbeddingHeads(nn.Module):
         self.encoder = encoder
 
     def forward(self, fbank: Tensor) -> tuple[Tensor, Tensor]:
-        features = self.encoder(fbank)  # [B, 1+N, D]
+        features = self.encoder.forward_features(fbank)  # [B, 1+N, D]
         return features[:, 0], features[:, 1:]
 
 
@@ -57,7 +57,7 @@ class ClassifierHeads(nn.Module):
         self.classifier = classifier
 
     def forward(self, fbank: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        features = self.classifier.encoder(fbank)  # [B, 1+N, D]
+        features = self.classifier.forward_features(fbank)  # [B, 1+N, D]
         return features[:, 0], features[:, 1:], self.classifier.forward_head(features)
 
 

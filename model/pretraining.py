@@ -76,9 +76,9 @@ def teacher_targets(teacher: Encoder, fbank: torch.Tensor, top_k: int | None = N
     if not 1 <= num_layers <= depth:
         raise ValueError(f"top_k must be in [1, {depth}], got {top_k}")
     teacher.eval()  # the original switches the EMA model to eval before every target pass
-    _, ffn = teacher.forward_tokens_with_ffn(teacher.embed(fbank))
+    _, ffn = teacher.forward_intermediates(fbank, num_layers, output="ffn")  # top-k blocks, in order
     total = None
-    for m in ffn[depth - num_layers :]:
+    for m in ffn:
         layer = m[:, 1:].float()  # [B, N, D], CLS dropped
         mean = layer.mean(dim=1, keepdim=True)
         var = layer.var(dim=1, unbiased=False, keepdim=True)

@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "finetune": ("training.finetune", "fine-tune a classifier on a labelled dataset"),
     "evaluate": ("training.evaluate", "mAP / accuracy of a checkpoint on a labelled dataset"),
     "export": ("training.export", "export a checkpoint to one self-describing ONNX file, verified"),
+    "data": ("training.data.pack", "data tools: `eat data pack` writes a split into EAT's HDF5 shards (AS-2M)"),
     "demo": ("training.demo", "synthetic data -> pre-train -> fine-tune -> evaluate -> export, on CPU"),
     "serve": ("service.server", "serve an ONNX model over HTTP (settings from EAT_* variables)"),
     "predict": ("eat.predict_cli", "print the top labels of audio files (ONNX file or checkpoint)"),

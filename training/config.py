@@ -36,8 +36,11 @@ class CommonConfig:
     # Audio front end (reference §1.3-1.4): frames per clip and which normalisation statistics.
     target_frames: int = 1024
     norm: Literal["audioset", "esc50", "spcv2"] = "audioset"
-    # Data: clips per rank per optimiser step.
+    # Data: clips per rank per micro-batch. An update sums the gradients of ``accum_steps`` micro-batches
+    # (DDP syncs on the last only), so its global batch is batch_size × accum_steps × ranks: EAT's 48
+    # clips per update (§3.1) fit 1 GPU as batch_size 12 × accum_steps 4.
     batch_size: int = 12
+    accum_steps: int = 1
     num_workers: int = 2
     # Optimiser (fairseq Adam = AdamW-style decoupled decay, §3.8). The original decays every
     # parameter (the 1-D exemption was a no-op there); ``exempt_1d_from_decay`` is our opt-in fix.
@@ -58,19 +61,22 @@ class CommonConfig:
     log_every: int = 200
     save_every: int = 10_000
     tensorboard: bool = True
+    # Dense peak of one accelerator in TFLOP/s for the MFU in the log line; 0 = look the GPU up in
+    # training.loop.BF16_PEAK_FLOPS (no MFU on the CPU or an unlisted GPU).
+    peak_tflops: float = 0.0
 
     def __post_init__(self) -> None:
         if self.model_preset not in PRESET_NAMES:
             raise ConfigError(f"model_preset must be one of {PRESET_NAMES}, got {self.model_preset!r}")
-        for name in ("batch_size", "max_steps", "log_every", "save_every"):
+        for name in ("batch_size", "accum_steps", "max_steps", "log_every", "save_every"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if not 0 <= self.warmup_steps <= self.max_steps:
             raise ConfigError(f"warmup_steps must be in [0, max_steps], got {self.warmup_steps}")
         if self.lr <= 0 or self.min_lr < 0:
             raise ConfigError("lr must be positive and min_lr non-negative")
-        if self.num_workers < 0 or self.grad_clip < 0 or self.weight_decay < 0:
-            raise ConfigError("num_workers, grad_clip and weight_decay must be non-negative")
+        if self.num_workers < 0 or self.grad_clip < 0 or self.weight_decay < 0 or self.peak_tflops < 0:
+            raise ConfigError("num_workers, grad_clip, weight_decay and peak_tflops must be non-negative")
         if not all(0.0 <= b < 1.0 for b in self.betas):
             raise ConfigError(f"betas must be in [0, 1), got {self.betas}")
         try:
@@ -149,9 +155,12 @@ class FinetuneConfig(CommonConfig):
     # Sampling (§4.6): a weights file in the data directory draws ``num_draws`` clips per epoch.
     weights_file: str = ""
     num_draws: int = 0
-    # Evaluation and best-checkpoint tracking (§4.7).
+    # Evaluation and best-checkpoint tracking (§4.7). As fairseq: after every epoch (on by default;
+    # the original's epochs are ≈410 / 2,083 / 33 / 331 updates on AS-20K / AS-2M / ESC-50 / SPC-2),
+    # every ``eval_every`` updates, and after the last update. The best score by ``metric`` is kept.
     metric: Literal["map", "accuracy"] = "map"
     eval_every: int = 1_000
+    eval_at_epoch_end: bool = True
     eval_batch_size: int = 32
     init: str = "random"  # a checkpoint path (ours, fairseq .pt, HF folder) or "random"
 

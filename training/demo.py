@@ -7,9 +7,12 @@ pre-trained student, one from a random init. Both are scored on the same held-ou
 pre-trained one should win: that is what EAT's pre-training is for, at toy scale.
 
 Everything is a function of ``--seed`` (data, init, masks, augmentation), so two runs on the same
-machine give the same numbers. Outputs in ``--out``: ``model.safetensors`` (the fine-tuned classifier),
-``model.onnx`` (its verified export), ``demo.json`` (mAPs and timings) and ``work/`` (runs; the
-generated audio is deleted unless ``--keep-data``).
+machine give the same numbers. The recipes are sized for about 90 s on 2 quiet CPU cores (issue 13:
+``make serve`` on a fresh machine waits for it, and CI runs it): 750 pre-training updates of 16
+clips, then 250 fine-tuning updates, short enough that the pre-trained start still shows in the
+score; it runs on one thread (``DemoPlan.torch_threads``). Outputs in ``--out``: ``model.safetensors``
+(the fine-tuned classifier), ``model.onnx`` (its verified export), ``demo.json`` (mAPs and timings)
+and ``work/`` (runs; the generated audio is deleted unless ``--keep-data``).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from eat.contract import SAMPLE_RATE
 from training import finetune, pretrain
 from training.config import FinetuneConfig, PretrainConfig, load_config
 from training.data.synthetic import generate
-from training.distributed import init_distributed
+from training.distributed import DistEnv, init_distributed
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +47,11 @@ class DemoPlan:
     num_eval: int = 300
     pretrain_recipe: str = "demo_pretrain"
     finetune_recipe: str = "demo_finetune"
+    # Intra-op threads while the demo runs (restored afterwards). The tiny model's ops are small, and on
+    # a busy 2-core machine two threads spin-waited: 5 CPU-minutes without reaching pre-training update
+    # 500, where one thread finished the whole demo in 100 CPU-seconds (issue 13: CI timed out on a busy
+    # machine). One thread keeps the demo's time predictable.
+    torch_threads: int = 1
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -76,6 +84,15 @@ def run_demo(
     if work.exists():  # a fresh start: stale runs would otherwise be resumed or mixed in
         shutil.rmtree(work)
     env = init_distributed({}, "auto")
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(plan.torch_threads)
+    try:
+        return _run(out_dir, work, env, seed, plan, keep_data)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _run(out_dir: Path, work: Path, env: DistEnv, seed: int, plan: DemoPlan, keep_data: bool) -> dict[str, Any]:
     seconds: dict[str, float] = {}
     started = t = time.perf_counter()
 

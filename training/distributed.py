@@ -141,6 +141,10 @@ def autocast(device_type: str, precision: str) -> contextlib.AbstractContextMana
 class Reporter:
     """Rank-0 progress: a tqdm bar counting clips (rate and ETA), a log line and TensorBoard scalars
     every ``log`` call. Other ranks get a silent instance, so loops never test the rank to report.
+
+    Train lines carry clips/s and, when both ``flops_per_step`` (model FLOPs of one update on one
+    rank: forward + backward) and ``peak_flops`` (the device's dense peak) are known, the model FLOPs
+    utilisation ``mfu`` (PaLM, Chowdhery et al. 2022, appendix B): achieved / peak, in [0, 1].
     """
 
     def __init__(
@@ -153,9 +157,13 @@ class Reporter:
         clips_per_step: int,
         tensorboard: bool,
         desc: str,
+        flops_per_step: float = 0.0,
+        peak_flops: float | None = None,
     ) -> None:
         self.active = env.is_main
         self.clips_per_step = clips_per_step
+        self.flops_per_step = flops_per_step
+        self.peak_flops = peak_flops
         self._bar = None
         self._writer = None
         self._last_time = time.perf_counter()
@@ -188,7 +196,10 @@ class Reporter:
         now = time.perf_counter()
         steps = step - self._last_step
         if steps > 0 and prefix == "train":
-            scalars = {**scalars, "clips_per_s": steps * self.clips_per_step / max(now - self._last_time, 1e-9)}
+            seconds = max(now - self._last_time, 1e-9)
+            scalars = {**scalars, "clips_per_s": steps * self.clips_per_step / seconds}
+            if self.flops_per_step > 0 and self.peak_flops:
+                scalars["mfu"] = steps * self.flops_per_step / seconds / self.peak_flops
             self._last_time, self._last_step = now, step
         if not self.active:
             return scalars

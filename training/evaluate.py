@@ -2,8 +2,16 @@
 
 mAP follows EAT (reference §4.7): scores and targets of the whole split are concatenated, scikit-learn's
 ``average_precision_score`` runs per class, and the mean skips classes without a positive clip. (EAT's
-fairseq validation also reports 0 below 100 clips; we always compute it.) Accuracy is the fraction of
-clips whose arg-max logit is the arg-max target (ESC-50 / SPC-2 style).
+fairseq validation also reports 0 below 100 clips; we always compute it.)
+
+Classes without a positive clip, as the original's scikit-learn counts them: before scikit-learn 1.1,
+``average_precision_score`` on an all-negative column divided 0 by 0 and returned NaN, and EAT's
+NaN-ignoring mean left the class out. Since 1.1 (scikit-learn PR #19085) it returns 0 with a warning,
+which would pull the mean down with every absent class (on AudioSet's eval set, a few rare classes;
+on small validation splits, many). We call it only for classes that have a positive and leave the
+others out (NaN in ``per_class_ap``), so the mAP is the original's whatever scikit-learn is installed.
+
+Accuracy is the fraction of clips whose arg-max logit is the arg-max target (ESC-50 / SPC-2 style).
 """
 
 from __future__ import annotations

@@ -1,10 +1,15 @@
 """``eat finetune``: supervised fine-tuning of an EAT classifier (eat-reference.md §4), top to bottom.
 
-One update: waveforms -> roll + gain -> log-mel on the device -> [SPC noise + time roll] -> mixup ->
-SpecAugment -> encoder + CLS head -> loss -> backward -> [clip] -> AdamW with layer-wise LR decay and
-per-group cosine floors. Every ``eval_every`` steps rank 0 scores the eval split (mAP or accuracy) and
-keeps the best weights. Augmentation randomness comes from a generator seeded by (seed, step, rank), so
-a resumed run draws the same masks and mixes as the uninterrupted one.
+One update: per micro-batch (``accum_steps`` of them), waveforms -> roll + gain -> log-mel on the
+device -> [SPC noise + time roll] -> mixup -> SpecAugment -> encoder + CLS head -> loss -> backward;
+then [clip] -> AdamW with layer-wise LR decay and per-group cosine floors. As fairseq, rank 0 scores
+the eval split (mAP or accuracy) after every epoch, every ``eval_every`` updates and after the last,
+and keeps the best weights by the task's metric. Augmentation randomness comes from a generator seeded
+by (seed, micro-batch, rank), so a resumed run draws the same masks and mixes as the uninterrupted one.
+What both loops share (arguments, config, loader, resume, DDP, saving) is in ``training.loop``.
+
+Resuming never reads ``init`` again: the checkpoint holds the architecture and the weights, so a run
+resumes even after the pre-trained file it started from has moved.
 
 Outputs in the run directory: ``model.safetensors`` (final weights, with labels: what ``eat export``
 takes), ``best.safetensors`` (best eval score), ``checkpoint.pt`` (training state), ``eval.jsonl``.
@@ -23,36 +28,20 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
 
 from model.checkpoints import load_checkpoint, load_weights, save_checkpoint
 from model.classifier import EATClassifier
 from model.config import EATConfig, Label
+from model.encoder import flops_per_token
 from model.frontend import LogMelFrontend
+from training import loop
 from training.augment import mixup, roll_and_gain, spec_augment, spec_augment_widths, spectrogram_noise_and_roll
-from training.checkpoint import (
-    CHECKPOINT_NAME,
-    capture_rng_state,
-    load_training_checkpoint,
-    require_world_size,
-    restore_rng_state,
-    save_training_checkpoint,
-    unwrap,
-)
-from training.config import FinetuneConfig, apply_overrides, config_from_dict, load_config
+from training.checkpoint import unwrap
+from training.config import FinetuneConfig
 from training.data.dataset import AudioDataset
 from training.data.sampler import ResumableSampler, make_loader
 from training.data.splits import load_split
-from training.distributed import (
-    DistEnv,
-    Reporter,
-    all_gather_object,
-    all_reduce_mean,
-    autocast,
-    barrier,
-    init_distributed,
-    shutdown,
-)
+from training.distributed import DistEnv, Reporter, all_reduce_mean, autocast, barrier, init_distributed, shutdown
 from training.evaluate import evaluate
 from training.schedule import build_adamw, param_groups, set_lr, step_generator
 
@@ -60,24 +49,7 @@ logger = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--recipe", help="recipe name (training/recipes/NAME.yaml) or a YAML path")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a recipe key, e.g. --set max_steps=1000 --set lr=1e-4",
-    )
-    parser.add_argument(
-        "--init", default=None, help="checkpoint to start from (ours, fairseq .pt, HF folder) or 'random'"
-    )
-    parser.add_argument("--data", required=True, type=Path, help="data directory with train/eval splits")
-    parser.add_argument("--out", required=True, type=Path, help="run directory (checkpoints, logs, model)")
-    parser.add_argument(
-        "--resume", action="store_true", help="continue from RUN/checkpoint.pt if it exists (config comes from it)"
-    )
-    parser.add_argument("--debug-sigkill-at-step", type=int, default=None, help=argparse.SUPPRESS)
+    loop.add_arguments(parser, init_help="checkpoint to start from (ours, fairseq .pt, HF folder) or 'random'")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -101,15 +73,9 @@ def resolve_config(
     recipe: str | None, overrides: list[str], out_dir: Path, resume: bool, init: str | None = None
 ) -> tuple[FinetuneConfig, dict[str, Any] | None]:
     """The run's config (``--init`` wins over the recipe's ``init``), plus the checkpoint when resuming."""
-    path = Path(out_dir) / CHECKPOINT_NAME
-    if resume and path.is_file():
-        state = load_training_checkpoint(path, kind="finetune")
-        return config_from_dict(FinetuneConfig, apply_overrides(state["config"], overrides)), state
-    if resume:
-        logger.info("no checkpoint in %s: starting a new run", out_dir)
-    if not recipe:
-        raise ValueError("--recipe is required (unless --resume finds a checkpoint)")
-    cfg = load_config(FinetuneConfig, recipe, overrides)
+    cfg, state = loop.resolve_config(FinetuneConfig, "finetune", recipe, overrides, out_dir, resume)
+    if state is not None:
+        return cfg, state
     if init is not None:
         cfg = dataclasses.replace(cfg, init=init)
     if cfg.init != "random":  # absolute, so a resumed run started elsewhere finds it
@@ -164,6 +130,11 @@ def _metric_key(cfg: FinetuneConfig) -> str:
     return "mAP" if cfg.metric == "map" else "accuracy"
 
 
+def classifier_flops(cfg: EATConfig, num_clips: int, num_tokens: int) -> float:
+    """Model FLOPs of one micro-batch: forward + backward (3× forward) of the encoder on every patch."""
+    return 3 * num_clips * (1 + num_tokens) * flops_per_token(cfg, 1 + num_tokens)
+
+
 def train(
     cfg: FinetuneConfig,
     data_dir: str | Path,
@@ -198,15 +169,12 @@ def train(
         rank=env.rank,
         world_size=env.world_size,
     )
-    loader = make_loader(
-        dataset, cfg.batch_size, sampler, cfg.num_workers, drop_last=True, pin_memory=device.type == "cuda"
-    )
-    loader.loader.generator = torch.Generator().manual_seed(cfg.seed)  # keep the global RNG out of it
-    if len(loader) == 0:
-        raise ValueError(f"{len(sampler)} clips per epoch and rank cannot fill one batch of {cfg.batch_size}")
+    batches = loop.Batches(loop.make_train_loader(dataset, sampler, cfg, device), device)
 
     torch.manual_seed(cfg.seed)
-    model = build_classifier(cfg, len(labels)).to(device)
+    # Resuming takes the checkpoint's architecture (its weights come below): ``cfg.init`` may have moved.
+    model = build_classifier(cfg, len(labels)) if state is None else _resumed_classifier(state, cfg, len(labels))
+    model.to(device)
     frontend = LogMelFrontend(frontend_cfg).to(device)
     groups = param_groups(
         model,
@@ -221,16 +189,10 @@ def train(
     step = 0
     best = {"value": float("-inf"), "step": 0}
     if state is not None:
-        require_world_size(state, env.world_size)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        sampler.load_state_dict(state["data"])
-        restore_rng_state(state["rng"][env.rank])
-        step, best = int(state["step"]), dict(state["best"])
-        logger.info("resumed from %s at step %d", out_dir / CHECKPOINT_NAME, step)
+        step = loop.restore_state(state, env, model=model, optimizer=optimizer, batches=batches, out_dir=out_dir)
+        best = dict(state["best"])
 
-    compiled = torch.compile(model) if cfg.compile else model
-    ddp_model = DistributedDataParallel(compiled) if env.backend else compiled
+    ddp_model = loop.wrap_model(model, cfg, env)
     aug_generator = torch.Generator(device=device)
     freq_width, time_width = spec_augment_widths(cfg.mask_ratio, cfg.target_frames, frontend_cfg.num_mel_bins)
     eval_loader = None
@@ -239,6 +201,9 @@ def train(
         eval_loader = make_loader(
             eval_data, cfg.eval_batch_size, ResumableSampler(len(eval_data), shuffle=False), cfg.num_workers
         )
+        # Its own worker-seed generator: an evaluation must not draw from the global RNG, or the training
+        # stream after it (drop path) would depend on how many evaluations ran.
+        eval_loader.loader.generator = torch.Generator().manual_seed(cfg.seed)
     multi_label = cfg.loss == "bce"
 
     def run_eval(step: int) -> dict[str, Any]:
@@ -264,76 +229,78 @@ def train(
         barrier(env)
         return result
 
-    def save(step: int, loss: float) -> None:
-        rng = all_gather_object(capture_rng_state(), env)  # collective: every rank calls it
-        if env.is_main:
-            save_training_checkpoint(
-                out_dir / CHECKPOINT_NAME,
-                kind="finetune",
-                step=step,
-                config=cfg.to_dict(),
-                model=unwrap(model).state_dict(),
-                optimizer=optimizer.state_dict(),
-                data=sampler.state_dict(),
-                rng=rng,
-                world_size=env.world_size,
-                loss=loss,
-                best=best,
-                labels=[[lb.index, lb.id, lb.display_name] for lb in labels],
-            )
-
-    def batches() -> Any:
-        while True:
-            yield from loader
-
     reporter = Reporter(
         env,
         out_dir,
         total_steps=cfg.max_steps,
         start_step=step,
-        clips_per_step=cfg.batch_size * env.world_size,
+        clips_per_step=cfg.batch_size * cfg.accum_steps * env.world_size,
         tensorboard=cfg.tensorboard,
         desc="fine-tune",
+        flops_per_step=cfg.accum_steps * classifier_flops(model.cfg, cfg.batch_size, _num_patches(cfg, model.cfg)),
+        peak_flops=loop.peak_flops(device, cfg),
     )
-    data = batches()
     loss_value = float("nan")
     final: dict[str, Any] = {}
+    epochs_evaluated = batches.epochs_done
     ddp_model.train()
     while step < cfg.max_steps:
         if sigkill_at_step is not None and step == sigkill_at_step:
             os.kill(os.getpid(), signal.SIGKILL)  # simulated crash (SIGKILL): no cleanup, no final save
         lr = set_lr(optimizer, step, cfg)  # per-group warm-up + cosine with floors (§4.4)
-        batch = next(data)
-        waveform = batch["waveform"].to(device, non_blocking=True)  # [B, S]
-        num_samples = batch["num_samples"].to(device, non_blocking=True)  # [B]
-        target = batch["target"].to(device, non_blocking=True)  # [B, C] multi-hot / one-hot
-        generator = step_generator(aug_generator, cfg.seed, step, env.rank)
-        with torch.no_grad():  # augmentation in EAT's order (§4.2)
-            if cfg.roll_aug:
-                waveform = roll_and_gain(waveform, num_samples, generator)
-            fbank = frontend(waveform, num_samples)  # [B, 1, T, 128] fp32
-            if cfg.spec_noise:
-                fbank = spectrogram_noise_and_roll(fbank, generator)
-            fbank, target, _ = mixup(fbank, target, cfg.mixup_alpha, cfg.mixup_prob, generator)
-            if cfg.mask_ratio > 0:
-                fbank = spec_augment(fbank, freq_width, time_width, generator)
-        with autocast(device.type, cfg.precision):
-            logits = ddp_model(fbank)  # [B, C]
-        loss = classification_loss(logits.float(), target, cfg)
-        loss.backward()
+        loss_sum = torch.zeros((), device=device)
+        for micro in range(cfg.accum_steps):
+            batch = batches.next()
+            waveform, num_samples = batch["waveform"], batch["num_samples"]  # [B, S], [B]
+            target = batch["target"]  # [B, C] multi-hot / one-hot
+            generator = step_generator(aug_generator, cfg.seed, step * cfg.accum_steps + micro, env.rank)
+            with torch.no_grad():  # augmentation in EAT's order (§4.2)
+                if cfg.roll_aug:
+                    waveform = roll_and_gain(waveform, num_samples, generator)
+                fbank = frontend(waveform, num_samples)  # [B, 1, T, 128] fp32
+                if cfg.spec_noise:
+                    fbank = spectrogram_noise_and_roll(fbank, generator)
+                fbank, target, _ = mixup(fbank, target, cfg.mixup_alpha, cfg.mixup_prob, generator)
+                if cfg.mask_ratio > 0:
+                    fbank = spec_augment(fbank, freq_width, time_width, generator)
+            with loop.micro_step(ddp_model, micro, cfg.accum_steps):
+                with autocast(device.type, cfg.precision):
+                    logits = ddp_model(fbank)  # [B, C]
+                if not loop.is_last(step, micro, cfg):
+                    batches.prefetch()  # the loader's work overlaps the backward pass
+                # Each micro-batch is normalised on its own (as each rank is under DDP): with BCE over
+                # the positive label mass, accumulation differs from one big batch in that divisor only.
+                loss = classification_loss(logits.float(), target, cfg)
+                (loss / cfg.accum_steps).backward()
+            loss_sum += loss.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
         reporter.advance()
 
-        if step % cfg.log_every == 0 or step == cfg.max_steps:
-            loss_value = float(all_reduce_mean(loss.detach(), env).item())  # .item(): a device sync
+        if loop.due(step, cfg.log_every, cfg):
+            loss_value = float(all_reduce_mean(loss_sum / cfg.accum_steps, env).item())  # .item(): a device sync
             reporter.log(step, {"loss": loss_value, "lr": lr, "grad_norm": float(grad_norm.item())})
-        if step % cfg.eval_every == 0 or step == cfg.max_steps:
+        epoch_ended = cfg.eval_at_epoch_end and batches.epochs_done > epochs_evaluated
+        epochs_evaluated = batches.epochs_done
+        if loop.due(step, cfg.eval_every, cfg) or epoch_ended:
             final = run_eval(step)
-        if step % cfg.save_every == 0 or step == cfg.max_steps:
-            save(step, loss_value)
+        if loop.due(step, cfg.save_every, cfg):
+            loop.save_state(
+                out_dir,
+                env,
+                kind="finetune",
+                step=step,
+                cfg=cfg,
+                model=model,
+                optimizer=optimizer,
+                batches=batches,
+                arch=model.cfg.to_dict(),
+                loss=loss_value,
+                best=best,
+                labels=[[lb.index, lb.id, lb.display_name] for lb in labels],
+            )
 
     reporter.close()
     model_path = out_dir / "model.safetensors"
@@ -350,8 +317,31 @@ def train(
     }
 
 
+def _resumed_classifier(state: dict[str, Any], cfg: FinetuneConfig, num_classes: int) -> EATClassifier:
+    """An (uninitialised) classifier shaped as the checkpoint's; checkpoints from before the
+    architecture was saved in them fall back to reading ``cfg.init``."""
+    if "arch" not in state:
+        return build_classifier(cfg, num_classes)
+    arch = EATConfig.from_dict(state["arch"])
+    if arch.num_classes != num_classes:
+        raise ValueError(f"the checkpoint's model has {arch.num_classes} classes, the data {num_classes}")
+    return EATClassifier(arch)
+
+
+def _num_patches(cfg: FinetuneConfig, arch: EATConfig) -> int:
+    return cfg.target_frames // arch.patch_size * arch.freq_patches
+
+
 def _has_split(data_dir: Path, split: str) -> bool:
     return (data_dir / f"{split}.tsv").is_file() or (data_dir / split).is_dir()
 
 
-__all__ = ["add_arguments", "build_classifier", "classification_loss", "resolve_config", "run", "train"]
+__all__ = [
+    "add_arguments",
+    "build_classifier",
+    "classification_loss",
+    "classifier_flops",
+    "resolve_config",
+    "run",
+    "train",
+]

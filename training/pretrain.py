@@ -1,8 +1,10 @@
 """``eat pretrain``: EAT's self-supervised pre-training loop (eat-reference.md §3), top to bottom.
 
-One update: waveforms -> log-mel on the device -> EMA-teacher targets (no grad) -> inverse block masks
-for ``clone_batch`` clones per clip -> student + CNN decoder -> UFO loss -> backward -> clip (norm 4)
--> AdamW -> EMA update of the teacher with the annealed decay. The LR, EMA decay and masks are pure
+One update: per micro-batch (``accum_steps`` of them), waveforms -> log-mel on the device ->
+EMA-teacher targets (no grad) -> inverse block masks for ``clone_batch`` clones per clip -> student +
+CNN decoder -> UFO loss -> backward; then clip (norm 4) -> AdamW -> EMA update of the teacher with the
+annealed decay. What both loops share (arguments, config, loader, resume, DDP, saving) is in
+``training.loop``. The LR, EMA decay and masks are pure
 functions of the step, and the checkpoint holds everything else (model, teacher, optimizer, RNG
 states, data position, config), so a killed run resumes exactly where it stopped.
 
@@ -20,57 +22,27 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 
 from model.checkpoints import load_checkpoint, load_weights, save_checkpoint
+from model.config import EATConfig
+from model.encoder import flops_per_token
 from model.frontend import LogMelFrontend
-from model.masking import inverse_block_mask
+from model.masking import block_mask_plan, inverse_block_mask
 from model.pretraining import EATPretrainingModel, ema_decay, ema_update, make_teacher, teacher_targets
-from training.checkpoint import (
-    CHECKPOINT_NAME,
-    capture_rng_state,
-    load_training_checkpoint,
-    require_world_size,
-    restore_rng_state,
-    save_training_checkpoint,
-    unwrap,
-)
-from training.config import PretrainConfig, apply_overrides, config_from_dict, load_config
+from training import loop
+from training.checkpoint import unwrap
+from training.config import PretrainConfig
 from training.data.dataset import AudioDataset
-from training.data.sampler import ResumableSampler, make_loader
+from training.data.sampler import ResumableSampler
 from training.data.splits import load_split
-from training.distributed import (
-    DistEnv,
-    Reporter,
-    all_gather_object,
-    all_reduce_mean,
-    autocast,
-    init_distributed,
-    shutdown,
-)
+from training.distributed import DistEnv, Reporter, all_reduce_mean, autocast, init_distributed, shutdown
 from training.schedule import build_adamw, param_groups, set_lr, step_generator
 
 logger = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--recipe", help="recipe name (training/recipes/NAME.yaml) or a YAML path")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a recipe key, e.g. --set max_steps=1000 --set model.depth=4",
-    )
-    parser.add_argument("--data", required=True, type=Path, help="data directory with train.tsv (or folders)")
-    parser.add_argument("--out", required=True, type=Path, help="run directory (checkpoints, logs, model)")
-    parser.add_argument("--init", default=None, help="start from these weights instead of a random init")
-    parser.add_argument(
-        "--resume", action="store_true", help="continue from RUN/checkpoint.pt if it exists (config comes from it)"
-    )
-    # Fault injection for the resume test: SIGKILL this process when step N is about to run.
-    parser.add_argument("--debug-sigkill-at-step", type=int, default=None, help=argparse.SUPPRESS)
+    loop.add_arguments(parser, init_help="start from these weights instead of a random init")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -92,18 +64,16 @@ def run(args: argparse.Namespace) -> int:
 def resolve_config(
     recipe: str | None, overrides: list[str], out_dir: Path, resume: bool
 ) -> tuple[PretrainConfig, dict[str, Any] | None]:
-    """The run's config, and the checkpoint state when resuming (its saved config wins over the recipe;
-    ``--set`` still applies, e.g. to raise ``max_steps``)."""
-    path = Path(out_dir) / CHECKPOINT_NAME
-    if resume and path.is_file():
-        state = load_training_checkpoint(path, kind="pretrain")
-        cfg = config_from_dict(PretrainConfig, apply_overrides(state["config"], overrides))
-        return cfg, state
-    if resume:
-        logger.info("no checkpoint in %s: starting a new run", out_dir)
-    if not recipe:
-        raise ValueError("--recipe is required (unless --resume finds a checkpoint)")
-    return load_config(PretrainConfig, recipe, overrides), None
+    """The run's config, and the checkpoint state when resuming (see ``training.loop.resolve_config``)."""
+    return loop.resolve_config(PretrainConfig, "pretrain", recipe, overrides, out_dir, resume)
+
+
+def update_flops(cfg: EATConfig, num_clips: int, clone_batch: int, num_tokens: int, num_visible: int) -> float:
+    """Model FLOPs of one micro-batch: the teacher's forward on every patch, the student's forward and
+    backward (3× forward) on the visible patches of every clone; the small CNN decoder is left out."""
+    teacher = num_clips * (1 + num_tokens) * flops_per_token(cfg, 1 + num_tokens)
+    student = num_clips * clone_batch * (1 + num_visible) * flops_per_token(cfg, 1 + num_visible)
+    return teacher + 3 * student
 
 
 def train(
@@ -129,17 +99,7 @@ def train(
     manifest = load_split(data_dir, "train", require_labels=False)
     dataset = AudioDataset(manifest, clip_samples=frontend_cfg.window_samples, target="none")
     sampler = ResumableSampler(len(dataset), seed=cfg.seed, rank=env.rank, world_size=env.world_size)
-    loader = make_loader(
-        dataset, cfg.batch_size, sampler, cfg.num_workers, drop_last=True, pin_memory=device.type == "cuda"
-    )
-    # A private generator for the loader's worker seeds: otherwise each new iterator draws from the
-    # global RNG, whose stream (decoder noise) would then depend on where a run was restarted.
-    loader.loader.generator = torch.Generator().manual_seed(cfg.seed)
-    if len(loader) == 0:
-        raise ValueError(
-            f"{len(dataset)} clips per epoch over {env.world_size} rank(s) cannot fill one batch "
-            f"of {cfg.batch_size}; lower batch_size"
-        )
+    batches = loop.Batches(loop.make_train_loader(dataset, sampler, cfg, device), device)
 
     # Model: same init on every rank (DDP also broadcasts rank 0's weights), then per-rank RNG.
     torch.manual_seed(cfg.seed)
@@ -169,83 +129,62 @@ def train(
 
     step = 0
     if state is not None:
-        require_world_size(state, env.world_size)
-        model.load_state_dict(state["model"])
+        step = loop.restore_state(state, env, model=model, optimizer=optimizer, batches=batches, out_dir=out_dir)
         teacher.load_state_dict(state["teacher"])
-        optimizer.load_state_dict(state["optimizer"])
-        sampler.load_state_dict(state["data"])
-        restore_rng_state(state["rng"][env.rank])
-        step = int(state["step"])
-        logger.info("resumed from %s at step %d", out_dir / CHECKPOINT_NAME, step)
 
-    if cfg.compile:
-        model = torch.compile(model)
+    ddp_model = loop.wrap_model(model, cfg, env)
     targets_fn = torch.compile(teacher_targets) if cfg.compile else teacher_targets
-    ddp_model = DistributedDataParallel(model) if env.backend else model
     top_k = cfg.average_top_k_layers or None
     grid = (cfg.target_frames // model_cfg.patch_size, model_cfg.freq_patches)
+    num_tokens = grid[0] * grid[1]
     mask_generator = torch.Generator(device=device)
-
-    def save(step: int, loss: float) -> None:
-        rng = all_gather_object(capture_rng_state(), env)  # collective: every rank calls it
-        if not env.is_main:
-            return
-        save_training_checkpoint(
-            out_dir / CHECKPOINT_NAME,
-            kind="pretrain",
-            step=step,
-            config=cfg.to_dict(),
-            model=unwrap(model).state_dict(),
-            teacher=teacher.state_dict(),
-            optimizer=optimizer.state_dict(),
-            data=sampler.state_dict(),
-            rng=rng,
-            world_size=env.world_size,
-            loss=loss,
-        )
-
-    def batches() -> Any:
-        while True:
-            yield from loader
-
+    # Every mask row keeps the same number of patches visible (the plan's count): for the FLOP count.
+    num_visible = block_mask_plan(grid, cfg.mask_prob, cfg.mask_prob_adjust, cfg.mask_length).num_visible
     reporter = Reporter(
         env,
         out_dir,
         total_steps=cfg.max_steps,
         start_step=step,
-        clips_per_step=cfg.batch_size * env.world_size,
+        clips_per_step=cfg.batch_size * cfg.accum_steps * env.world_size,
         tensorboard=cfg.tensorboard,
         desc="pre-train",
+        flops_per_step=cfg.accum_steps
+        * update_flops(model_cfg, cfg.batch_size, cfg.clone_batch, num_tokens, num_visible),
+        peak_flops=loop.peak_flops(device, cfg),
     )
-    data = batches()
     loss_value = float("nan")
     ddp_model.train()
     while step < cfg.max_steps:
         if sigkill_at_step is not None and step == sigkill_at_step:
             os.kill(os.getpid(), signal.SIGKILL)  # simulated crash: no cleanup, no final save
         lr = set_lr(optimizer, step, cfg)  # warm-up + cosine, a function of the step (§3.8)
-        batch = next(data)
-        waveform = batch["waveform"].to(device, non_blocking=True)  # [B, S]
-        num_samples = batch["num_samples"].to(device, non_blocking=True)  # [B]
-        with torch.no_grad():
-            fbank = frontend(waveform, num_samples)  # [B, 1, T, 128], always fp32 (frontend docstring)
-            with autocast(device.type, cfg.precision):
-                targets = targets_fn(teacher, fbank, top_k)  # [B, N, D] fp32
-        # Masks are made on the device from a generator seeded by (seed, step, rank): reproducible,
-        # nothing to save, and independent of how many steps ran before a restart.
-        step_generator(mask_generator, cfg.seed, step, env.rank)
-        mask = inverse_block_mask(
-            fbank.shape[0] * cfg.clone_batch,
-            grid,
-            cfg.mask_prob,
-            cfg.mask_prob_adjust,
-            cfg.mask_length,
-            generator=mask_generator,
-            device=device,
-        )  # [B·clones, N]
-        with autocast(device.type, cfg.precision):
-            out = ddp_model(fbank, mask, targets)
-        out.loss.backward()
+        loss_sum = torch.zeros((), device=device)
+        for micro in range(cfg.accum_steps):
+            batch = batches.next()
+            waveform, num_samples = batch["waveform"], batch["num_samples"]  # [B, S], [B]
+            with torch.no_grad():
+                fbank = frontend(waveform, num_samples)  # [B, 1, T, 128], always fp32 (frontend docstring)
+                with autocast(device.type, cfg.precision):
+                    targets = targets_fn(teacher, fbank, top_k)  # [B, N, D] fp32
+            # Masks are made on the device from a generator seeded by (seed, micro-batch, rank):
+            # reproducible, nothing to save, independent of how many steps ran before a restart.
+            step_generator(mask_generator, cfg.seed, step * cfg.accum_steps + micro, env.rank)
+            mask = inverse_block_mask(
+                fbank.shape[0] * cfg.clone_batch,
+                grid,
+                cfg.mask_prob,
+                cfg.mask_prob_adjust,
+                cfg.mask_length,
+                generator=mask_generator,
+                device=device,
+            )  # [B·clones, N]
+            with loop.micro_step(ddp_model, micro, cfg.accum_steps):
+                with autocast(device.type, cfg.precision):
+                    out = ddp_model(fbank, mask, targets)
+                if not loop.is_last(step, micro, cfg):
+                    batches.prefetch()  # the loader's work overlaps the backward pass
+                (out.loss / cfg.accum_steps).backward()
+            loss_sum += out.loss.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -254,9 +193,9 @@ def train(
         ema_update(teacher, unwrap(model).encoder, decay)  # after every update, as fairseq (§3.7)
         reporter.advance()
 
-        if step % cfg.log_every == 0 or step == cfg.max_steps:
-            # .item() forces a device sync: only on log steps.
-            loss_value = float(all_reduce_mean(out.loss.detach(), env).item())
+        if loop.due(step, cfg.log_every, cfg):
+            # .item() forces a device sync: only on log steps. The terms are the last micro-batch's.
+            loss_value = float(all_reduce_mean(loss_sum / cfg.accum_steps, env).item())
             reporter.log(
                 step,
                 {
@@ -268,8 +207,19 @@ def train(
                     "grad_norm": float(grad_norm.item()),
                 },
             )
-        if step % cfg.save_every == 0 or step == cfg.max_steps:
-            save(step, loss_value)
+        if loop.due(step, cfg.save_every, cfg):
+            loop.save_state(
+                out_dir,
+                env,
+                kind="pretrain",
+                step=step,
+                cfg=cfg,
+                model=model,
+                optimizer=optimizer,
+                batches=batches,
+                teacher=teacher.state_dict(),
+                loss=loss_value,
+            )
 
     reporter.close()
     model_path = out_dir / "model.safetensors"
@@ -282,4 +232,4 @@ def train(
     return {"step": step, "loss": loss_value, "model_path": str(model_path), "model": unwrap(model), "teacher": teacher}
 
 
-__all__ = ["add_arguments", "resolve_config", "run", "train"]
+__all__ = ["add_arguments", "resolve_config", "run", "train", "update_flops"]

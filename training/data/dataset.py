@@ -9,6 +9,7 @@ augmentation and normalisation run later, batched on the device (``model.fronten
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -18,6 +19,7 @@ import torch
 from torch.utils.data import Dataset
 
 from eat.contract import SAMPLE_RATE
+from training.data import hdf5
 from training.data.manifest import DataError, Manifest
 
 TargetMode = Literal["multi_hot", "index", "none"]
@@ -26,26 +28,43 @@ TargetMode = Literal["multi_hot", "index", "none"]
 def load_audio(path: str, max_samples: int | None = None) -> np.ndarray:
     """Float32 mono 16 kHz samples of ``path``; at most the first ``max_samples`` (output rate).
 
-    soundfile's float decoding (PCM_16 / 32768, never int16 values, reference §9.9); channels are
-    averaged (EAT's training data path); other rates go through soxr's high-quality resampler (EAT uses
-    torchaudio's sinc kernel, which differs in the last bits, §9.21). Only the frames needed for
-    ``max_samples`` are read, plus a margin so the resampler's edge stays outside the kept part.
+    ``path`` is an audio file, or a clip inside an HDF5 shard (``.../NN.h5/<name>``, EAT's AS-2M
+    storage at 32 kHz, ``training.data.hdf5``). soundfile's float decoding (PCM_16 / 32768, never int16
+    values, reference §9.9); channels are averaged (EAT's training data path); other rates go through
+    soxr's high-quality resampler (EAT uses torchaudio's sinc kernel, which differs in the last bits,
+    §9.21). Only the frames needed for ``max_samples`` are read, plus a margin so the resampler's edge
+    stays outside the kept part.
     """
-    try:
-        with sf.SoundFile(path) as f:
-            rate = f.samplerate
-            frames = -1
-            if max_samples is not None:
-                frames = math.ceil(max_samples * rate / SAMPLE_RATE) + (0 if rate == SAMPLE_RATE else 256)
-            data = f.read(frames=frames, dtype="float32", always_2d=True)  # [S, channels]
-    except (sf.LibsndfileError, RuntimeError, TypeError) as err:
-        raise DataError(f"{path}: cannot decode audio ({err})") from None
-    wave = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
+    max_seconds = None if max_samples is None else max_samples / SAMPLE_RATE
+    data, rate = read_native(path, max_seconds)
+    wave = data.mean(axis=1) if data.ndim == 2 else data
     if rate != SAMPLE_RATE and len(wave):
         wave = soxr.resample(wave, rate, SAMPLE_RATE, quality="HQ")
     if max_samples is not None:
         wave = wave[:max_samples]
     return np.ascontiguousarray(wave, dtype=np.float32)
+
+
+def read_native(path: str | Path, max_seconds: float | None = None) -> tuple[np.ndarray, int]:
+    """A clip's float32 samples (``[S]`` or ``[S, channels]``) at its stored rate, and that rate: from an
+    audio file or an HDF5 shard; at most the first ``max_seconds`` (plus a small margin)."""
+    located = hdf5.locate(path)
+    if located is not None:
+        return hdf5.read_clip(*located, max_seconds=max_seconds)
+    return _read_file(str(path), max_seconds)
+
+
+def _read_file(path: str, max_seconds: float | None) -> tuple[np.ndarray, int]:
+    """An audio file's float32 ``[S, channels]`` samples at its own rate (the first ``max_seconds``)."""
+    try:
+        with sf.SoundFile(path) as f:
+            rate = f.samplerate
+            frames = -1
+            if max_seconds is not None:
+                frames = math.ceil(max_seconds * rate) + (0 if rate == SAMPLE_RATE else 256)
+            return f.read(frames=frames, dtype="float32", always_2d=True), rate
+    except (sf.LibsndfileError, RuntimeError, TypeError) as err:
+        raise DataError(f"{path}: cannot decode audio ({err})") from None
 
 
 class AudioDataset(Dataset):

@@ -7,7 +7,8 @@ names the file and the line, and every audio file is checked to exist up front.
 Deviations, on purpose:
 - a *relative* root on the tsv's first line is resolved against the tsv's own directory (EAT resolves it
   against the working directory), so a generated data directory can be moved;
-- HDF5 shards (``<shard>.h5/<key>`` paths, EAT's ``h5_format``) are refused with a clear error.
+- HDF5 shards (``<shard>.h5/<key>`` paths, EAT's ``h5_format``) are read for any split, not only
+  ``train`` (``training.data.hdf5``; ``eat data pack`` writes them).
 """
 
 from __future__ import annotations
@@ -99,11 +100,6 @@ def read_tsv(path: str | Path) -> tuple[Path, list[tuple[str, int]]]:
         if len(fields) != 2 or not fields[0].strip():
             raise DataError(f"{path}:{line_no}: expected 'relative_path<TAB>num_samples', got {line!r}")
         rel_path, count = fields[0].strip(), fields[1].strip()
-        if ".h5/" in rel_path.replace("\\", "/"):
-            raise DataError(
-                f"{path}:{line_no}: {rel_path!r} points into an HDF5 shard (EAT's h5_format), which is not "
-                "supported; extract the clips to audio files and list those instead"
-            )
         try:
             num_samples = int(count)
         except ValueError:
@@ -337,7 +333,11 @@ def load_manifest(
 
 
 def _check_exist(tsv_path: Path, paths: list[tuple[int, Path]]) -> None:
-    missing = [(line_no, p) for line_no, p in paths if not p.is_file()]
+    from training.data import hdf5  # here, not at the top: hdf5 imports DataError from this module
+
+    in_shards = [(line_no, p) for line_no, p in paths if hdf5.locate(p) is not None]
+    missing = [(line_no, p) for line_no, p in paths if hdf5.locate(p) is None and not p.is_file()]
+    missing = sorted(missing + hdf5.missing_clips(in_shards))
     if missing:
         shown = "; ".join(f"line {line_no}: {p}" for line_no, p in missing[:MAX_MISSING_SHOWN])
         more = f" (and {len(missing) - MAX_MISSING_SHOWN} more)" if len(missing) > MAX_MISSING_SHOWN else ""

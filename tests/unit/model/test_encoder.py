@@ -131,3 +131,50 @@ def test_presets_and_frontend_config() -> None:
     assert EATConfig.from_dict(base().to_dict()) == base()
     with pytest.raises(ValueError, match="unknown EATConfig fields"):
         EATConfig.from_dict({"width": 3})
+
+
+def test_forward_intermediates_returns_the_chosen_blocks_in_order() -> None:
+    torch.manual_seed(3)
+    enc = Encoder(tiny()).eval()
+    fbank = torch.randn(2, 1, 64, 128)
+    # Walk the blocks by hand: block outputs and FFN outputs (before residual and LN2).
+    x = enc._prepend_cls(enc.embed(fbank))
+    outputs, ffns = [], []
+    for block in enc.blocks:
+        a = block.norm1(x + block.attn(x))
+        ffns.append(block.mlp(a))
+        x = block.norm2(a + ffns[-1])
+        outputs.append(x)
+    depth = len(enc.blocks)
+    final, taken = enc.forward_intermediates(fbank, [0, -1])
+    torch.testing.assert_close(final, enc.forward_features(fbank))
+    torch.testing.assert_close(final, outputs[-1])
+    assert len(taken) == 2
+    torch.testing.assert_close(taken[0], outputs[0])
+    torch.testing.assert_close(taken[1], outputs[-1])
+    _, last_two = enc.forward_intermediates(fbank, 2, output="ffn")
+    torch.testing.assert_close(last_two[0], ffns[depth - 2])
+    torch.testing.assert_close(last_two[1], ffns[depth - 1])
+    early, only_first = enc.forward_intermediates(fbank, [0], stop_early=True)
+    torch.testing.assert_close(early, outputs[0])
+    torch.testing.assert_close(only_first[0], outputs[0])
+    assert len(enc.forward_intermediates(fbank)[1]) == depth
+    for bad in (0, depth + 1, [depth], [-depth - 1], []):
+        with pytest.raises(ValueError, match="blocks|indices"):
+            enc.forward_intermediates(fbank, bad)
+    with pytest.raises(ValueError, match="output"):
+        enc.forward_intermediates(fbank, 1, output="attn")  # type: ignore[arg-type]
+
+
+def test_classifier_stages_compose_to_forward() -> None:
+    torch.manual_seed(4)
+    model = EATClassifier(tiny().replace(num_classes=5)).eval()
+    model.init_weights()
+    fbank = torch.randn(3, 1, 32, 128)
+    features = model.forward_features(fbank)
+    assert features.shape == (3, 1 + 2 * 8, model.cfg.embed_dim)
+    logits = model.forward_head(features)
+    torch.testing.assert_close(logits, model(fbank))
+    embedding = model.forward_head(features, pre_logits=True)  # pooled + fc_norm, before the Linear
+    assert embedding.shape == (3, model.cfg.embed_dim)
+    torch.testing.assert_close(model.head(embedding), logits)

@@ -207,8 +207,8 @@ def test_teacher_targets_normalisation_and_top_k() -> None:
     assert torch.allclose(y.mean(-1), torch.zeros(2, 128), atol=1e-5)
     assert torch.allclose(y.var(-1, unbiased=False), torch.ones(2, 128), atol=1e-3)
     # top_k=1 uses the last block's FFN output alone.
-    _, ffn = teacher.forward_tokens_with_ffn(teacher.embed(fbank))
-    last = torch.nn.functional.instance_norm(ffn[-1][:, 1:].transpose(1, 2), eps=1e-5).transpose(1, 2)
+    _, ffn = teacher.forward_intermediates(fbank, [-1], output="ffn")
+    last = torch.nn.functional.instance_norm(ffn[0][:, 1:].transpose(1, 2), eps=1e-5).transpose(1, 2)
     expected = torch.nn.functional.layer_norm(last, (32,), eps=1e-5)
     assert torch.allclose(teacher_targets(teacher, fbank, top_k=1), expected, atol=1e-5)
     with pytest.raises(ValueError, match="top_k"):

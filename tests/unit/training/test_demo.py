@@ -1,6 +1,6 @@
 """``eat demo`` end to end: self-supervised pre-training must beat a random init on the same labels.
 
-The demo runs once per module (a few minutes on 2 CPU cores); every test reads its outputs.
+The demo runs once per module (about 90 s on 2 quiet CPU cores); every test reads its outputs.
 """
 
 from __future__ import annotations
@@ -15,7 +15,10 @@ import pytest
 from model.checkpoints import load_checkpoint
 from training.demo import run_demo
 
-pytestmark = pytest.mark.slow
+# The demo has its own time budget instead of the suite-wide one (pyproject.toml): about 90 s on two
+# quiet cores, and this leaves room for a machine several times slower or busy with other work.
+DEMO_BUDGET_S = 900
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(DEMO_BUDGET_S)]
 
 
 @pytest.fixture(scope="module")

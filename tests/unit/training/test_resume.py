@@ -153,3 +153,29 @@ def test_resume_with_another_world_size_is_refused() -> None:
     require_world_size({"world_size": 2}, 2)
     with pytest.raises(TrainingCheckpointError, match="written by 2 rank"):
         require_world_size({"world_size": 2}, 1)
+
+
+def test_finetuning_resumes_after_its_init_file_moved(data_dir: Path, tmp_path: Path) -> None:
+    # Issue 13: resuming rebuilt the model from cfg.init, so a moved pre-trained file broke the resume.
+    from model.checkpoints import save_checkpoint
+    from model.config import FrontendConfig
+    from model.pretraining import EATPretrainingModel
+    from training.config import FinetuneConfig, load_config
+
+    cfg = load_config(FinetuneConfig, "demo_finetune", FINETUNE)
+    pre = EATPretrainingModel(cfg.eat_config(), clone_batch=2)
+    pre.init_weights()
+    init = save_checkpoint(tmp_path / "pre.safetensors", pre, FrontendConfig(target_frames=96))
+    extra = ["--recipe", "demo_finetune", "--init", str(init)]
+    reference = _eat("finetune", data_dir, tmp_path / "reference", *extra, sets=FINETUNE)
+    assert reference.returncode == 0, reference.stderr
+    killed = _eat("finetune", data_dir, tmp_path / "run", *extra, "--debug-sigkill-at-step", "3", sets=FINETUNE)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+
+    init.rename(tmp_path / "moved.safetensors")
+    resumed = _eat("finetune", data_dir, tmp_path / "run", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    want = load_training_checkpoint(tmp_path / "reference" / CHECKPOINT_NAME, kind="finetune")
+    got = load_training_checkpoint(tmp_path / "run" / CHECKPOINT_NAME, kind="finetune")
+    assert got["step"] == 5
+    _assert_same(want["model"], got["model"], "model")  # it went on from the pre-trained start

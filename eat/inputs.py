@@ -33,7 +33,12 @@ def read_tsv(path: str | os.PathLike[str]) -> tuple[Path, list[tuple[str, int]]]
     A relative root is resolved against the manifest's folder, so a data directory can be moved.
     """
     path = Path(path)
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines()]
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise ValueError(f"{path}: file not found") from None
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text ({err})") from None
     while lines and not lines[-1].strip():
         lines.pop()
     if not lines or not lines[0].strip():

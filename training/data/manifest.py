@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from eat import inputs
 from model.config import Label
 
 logger = logging.getLogger(__name__)
@@ -86,28 +87,15 @@ def _lines(path: Path) -> list[str]:
 
 
 def read_tsv(path: str | Path) -> tuple[Path, list[tuple[str, int]]]:
-    """Parse ``<split>.tsv``: the root directory and ``(relative_path, num_samples)`` per data line."""
-    path = Path(path)
-    lines = _lines(path)
-    if not lines or not lines[0].strip():
-        raise DataError(f"{path}:1: expected the audio root directory on the first line")
-    root = Path(lines[0].strip())
-    if not root.is_absolute():
-        root = path.parent / root
-    entries: list[tuple[str, int]] = []
-    for line_no, line in enumerate(lines[1:], start=2):
-        fields = line.split("\t")
-        if len(fields) != 2 or not fields[0].strip():
-            raise DataError(f"{path}:{line_no}: expected 'relative_path<TAB>num_samples', got {line!r}")
-        rel_path, count = fields[0].strip(), fields[1].strip()
-        try:
-            num_samples = int(count)
-        except ValueError:
-            raise DataError(f"{path}:{line_no}: num_samples {count!r} is not an integer") from None
-        if num_samples < 0:
-            raise DataError(f"{path}:{line_no}: num_samples {num_samples} is negative")
-        entries.append((rel_path, num_samples))
-    return root, entries
+    """Parse ``<split>.tsv``: the root directory and ``(relative_path, num_samples)`` per data line.
+
+    One reader serves training and the offline tools (``eat.inputs.read_tsv``); its errors become
+    ``DataError`` here, with the same message (file and line).
+    """
+    try:
+        return inputs.read_tsv(path)
+    except ValueError as err:
+        raise DataError(str(err)) from None
 
 
 def write_tsv(path: str | Path, root: str | Path, entries: Sequence[tuple[str, int]]) -> None:

@@ -57,7 +57,7 @@ RUN pip install --constraint /tmp/constraints-cuda13.txt ".[gpu]" "onnxruntime-g
 
 FROM source AS venv-cpu
 # hadolint ignore=DL3013
-RUN pip install ".[serve]"
+RUN pip install ".[serve,openvino]"
 
 # ---------------------------------------------------------------------------------------------------------
 # serve-common: what both serving images share: a non-root user, the baked model, health check, command.

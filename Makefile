@@ -13,7 +13,7 @@ $(BIN)/eat: pyproject.toml
 	$(BIN)/pip install --upgrade pip
 	# torch first, from its CPU wheel: a bare `torch` requirement would pull gigabytes of CUDA.
 	$(BIN)/pip install torch==2.13.0
-	$(BIN)/pip install -e '.[$(ORT_EXTRA),train,bulk,dev]'
+	$(BIN)/pip install -e '.[$(ORT_EXTRA),openvino,train,bulk,dev]'
 	touch $@
 
 install: $(BIN)/eat

@@ -1,5 +1,6 @@
 """Engine benchmark: onnxruntime throughput (clips/s) and latency per batch size, fp32, fp16 and (CPU)
-int8, on CPU and (when present) CUDA with IO binding, against PyTorch eager on the same device.
+int8, on CPU and (when present) CUDA with IO binding, against PyTorch eager on the same device; and
+bf16 on the CPU: the fp32 file through OpenVINO (``EAT_PROVIDER=openvino``), when it is installed.
 
 The models have random weights (speed does not depend on them) and are exported with
 ``training.export.export_onnx``, so what is timed is exactly the file the service loads, front end
@@ -10,13 +11,14 @@ shared machine slows them alike and the ratios between them stay fair. Writes JS
 plot next to it.
 
     python bench/engine.py                                   # EAT-base + tiny, CPU, batches 1 2 4 8
-    python bench/engine.py --models base --precisions fp32,fp16,int8 --threads 2
+    python bench/engine.py --models base --precisions fp32,fp16,int8,bf16 --threads 2
     python bench/engine.py --models base --providers cuda --batch-sizes 1,2,4,8,16,32,64,128,256
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import os
@@ -34,6 +36,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from eat.contract import OUTPUT_NAMES
 from model.classifier import EATClassifier
 from model.config import FrontendConfig, preset
 from model.frontend import LogMelFrontend
@@ -45,15 +48,16 @@ log = logging.getLogger("bench.engine")
 CPU_BATCHES = (1, 2, 4, 8)
 GPU_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 ORT_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS = ("fp32", "fp16", "int8", "bf16")  # bf16: the fp32 file on OpenVINO (CPU)
+HAS_OPENVINO = importlib.util.find_spec("openvino") is not None
 
 
 @dataclass(frozen=True)
 class Result:
     model: str
-    runtime: str  # "onnxruntime" | "torch-eager"
+    runtime: str  # "onnxruntime" | "openvino" | "torch-eager"
     provider: str  # "cpu" | "cuda"
-    precision: str  # "fp32" | "fp16" | "int8"
+    precision: str  # "fp32" | "fp16" | "int8" | "bf16"
     batch_size: int
     latency_ms_median: float
     latency_ms_p90: float
@@ -148,6 +152,30 @@ def torch_runner(model: WaveformModel, device: str, precision: str, batch: int, 
     return call
 
 
+def openvino_runner(engine: object, batch: int, window: int) -> Callable[[], object]:
+    waveform, num_samples = clips(batch, window)
+    return lambda: engine.run(waveform, num_samples, OUTPUT_NAMES)
+
+
+def bf16_accuracy(engine: object, fp32: ort.InferenceSession, window: int) -> dict:
+    """bf16 against the fp32 file on onnxruntime, in the exporter's terms, on 8 clips at -40..-6 dBFS."""
+    from eat.engine_openvino import BF16_RELATIVE_TOLERANCE
+
+    rng = np.random.default_rng(1)
+    tone = np.sin(2 * np.pi * 440 * np.arange(window) / 16_000)
+    waveform = np.stack([10 ** rng.uniform(-2, -0.3) * (rng.standard_normal(window) + (i % 2) * tone)
+                         for i in range(8)]).astype(np.float32)
+    num_samples = np.full(8, window, dtype=np.int64)
+    names = [o.name for o in fp32.get_outputs()]
+    want = dict(zip(names, fp32.run(names, {"waveform": waveform, "num_samples": num_samples}), strict=True))
+    got = engine.run(waveform, num_samples, tuple(names))
+    relative = {k: float(np.abs(got[k] - want[k]).max()) / max(1.0, float(np.abs(want[k]).max())) for k in names}
+    top5 = [set(np.argsort(-g)[:5]) == set(np.argsort(-w)[:5]) for g, w in zip(got["logits"], want["logits"],
+                                                                                  strict=True)]
+    return {"reference": "the fp32 file on onnxruntime", "max_relative_diff": relative,
+            "tolerance": BF16_RELATIVE_TOLERANCE, "top5_agreement": float(np.mean(top5))}
+
+
 def export_accuracy(report: ExportReport) -> dict:
     """What the exporter measured against PyTorch on its check inputs (and int8 check clips)."""
     return {
@@ -165,7 +193,7 @@ def bench_model(size: str, args: argparse.Namespace, workdir: Path, accuracy: di
     network.init_weights()
     results: list[Result] = []
     paths: dict[str, Path] = {}
-    for precision in args.precisions:
+    for precision in [p for p in args.precisions if p != "bf16"]:  # bf16 runs the fp32 file
         path = workdir / f"eat-{size}-{precision}.onnx"
         report = export_onnx(
             network,
@@ -188,9 +216,18 @@ def bench_model(size: str, args: argparse.Namespace, workdir: Path, accuracy: di
             report.top5_agreement,
         )
     for provider in args.providers:
-        sessions = {p: ort_session(paths[p], provider, args.threads) for p in args.precisions}
+        sessions = {p: ort_session(paths[p], provider, args.threads) for p in paths}
+        bf16 = None
+        if "bf16" in args.precisions:  # parse_args allows it on CPU only, and with fp32
+            from eat.engine_openvino import OpenVinoEngine
+
+            bf16 = OpenVinoEngine(paths["fp32"], threads=args.threads, precision="bf16")
+            accuracy[f"{size} bf16"] = bf16_accuracy(bf16, sessions["fp32"], report.window_samples)
+            log.info("%s bf16 (openvino) vs fp32: %s", size, accuracy[f"{size} bf16"])
         for batch in args.batch_sizes:
             calls = {p: ort_runner(s, provider, batch, report.window_samples) for p, s in sessions.items()}
+            if bf16 is not None:
+                calls["bf16"] = openvino_runner(bf16, batch, report.window_samples)
             for precision, times in time_interleaved(calls, args.warmup, args.repeats).items():
                 results.append(
                     summarise(
@@ -198,13 +235,13 @@ def bench_model(size: str, args: argparse.Namespace, workdir: Path, accuracy: di
                         batch,
                         args.window_seconds,
                         model=size,
-                        runtime="onnxruntime",
+                        runtime="openvino" if precision == "bf16" else "onnxruntime",
                         provider=provider,
                         precision=precision,
                     )
                 )
                 log.info("%s", results[-1])
-        del sessions
+        del sessions, bf16
     if args.torch:  # the same front end (AudioSet normalisation, same frames) as the file holds
         frontend = LogMelFrontend(FrontendConfig(target_frames=report.target_frames))
         model = WaveformModel(frontend, ClassifierHeads(network))
@@ -230,7 +267,7 @@ def bench_model(size: str, args: argparse.Namespace, workdir: Path, accuracy: di
 
 
 def speed_ratios(results: list[Result]) -> dict[str, dict[str, float]]:
-    """``"<model> <provider> <precision>/fp32" -> {batch: clips/s ratio}`` for onnxruntime rows."""
+    """``"<model> <provider> <precision>/fp32" -> {batch: clips/s ratio}`` for onnxruntime and openvino rows."""
     fp32 = {
         (r.model, r.provider, r.batch_size): r.clips_per_s
         for r in results
@@ -239,7 +276,7 @@ def speed_ratios(results: list[Result]) -> dict[str, dict[str, float]]:
     ratios: dict[str, dict[str, float]] = {}
     for r in results:
         base = fp32.get((r.model, r.provider, r.batch_size))
-        if r.runtime == "onnxruntime" and r.precision != "fp32" and base:
+        if r.runtime in ("onnxruntime", "openvino") and r.precision != "fp32" and base:
             key = f"{r.model} {r.provider} {r.precision}/fp32"
             ratios.setdefault(key, {})[str(r.batch_size)] = round(r.clips_per_s / base, 3)
     return ratios
@@ -290,7 +327,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--precisions",
         default=None,
-        help="comma list of fp32, fp16, int8 (default: all three on CPU, no int8 with CUDA)",
+        help="comma list of fp32, fp16, int8, bf16 (default: all on CPU, bf16 only with openvino installed; "
+        "fp32 and fp16 with CUDA)",
     )
     parser.add_argument("--threads", type=int, default=0, help="intra-op threads for ORT and torch (0 = default)")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per point")
@@ -323,7 +361,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error("batch sizes must be >= 1")
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     if args.precisions is None:
-        args.precisions = [p for p in PRECISIONS if p != "int8" or "cuda" not in args.providers]
+        skip = set() if HAS_OPENVINO else {"bf16"}
+        if "cuda" in args.providers:
+            skip |= {"int8", "bf16"}  # the CPU precisions
+        args.precisions = [p for p in PRECISIONS if p not in skip]
     else:
         args.precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
     if (
@@ -335,6 +376,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if "int8" in args.precisions and "cuda" in args.providers:
         # onnxruntime's CUDA provider has no kernel for the int8 MatMuls; they would run on the CPU.
         parser.error("int8 is a CPU precision; leave it out with --providers cuda")
+    if "bf16" in args.precisions:
+        if "cuda" in args.providers:
+            parser.error("bf16 runs on the CPU through OpenVINO; leave it out with --providers cuda")
+        if "fp32" not in args.precisions:
+            parser.error("bf16 runs the fp32 file and is compared with it: add fp32 to --precisions")
+        if not HAS_OPENVINO:
+            parser.error("bf16 needs OpenVINO: pip install 'eat-audio[openvino]'")
     if not args.models:
         parser.error("--models needs at least one preset")
     if args.repeats < 1 or args.warmup < 0:

@@ -46,6 +46,7 @@ from tqdm import tqdm
 
 from eat.audio import AudioError
 from eat.contract import GRANULARITIES, Granularity, ModelInfo, Windows, outputs_for, pool, sigmoid
+from eat.engine import Provider
 from eat.predictor import DEFAULT_TOP_K, MODES, Mode, Predictor, prepare, top_tags
 from eat.sources import Source, read_bytes
 
@@ -77,7 +78,7 @@ class BulkSpec:
     top_k: int = DEFAULT_TOP_K
     files_per_shard: int = DEFAULT_FILES_PER_SHARD
     batch_size: int = 8
-    provider: Literal["auto", "cpu", "cuda"] = "auto"
+    provider: Provider = "auto"
 
     def __post_init__(self) -> None:
         if self.task not in ("embed", "predict"):

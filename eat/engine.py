@@ -39,6 +39,19 @@ class Engine(Protocol):
     def close(self) -> None: ...
 
 
+Provider = Literal["auto", "cpu", "cuda", "openvino"]
+PROVIDERS: tuple[str, ...] = ("auto", "cpu", "cuda", "openvino")
+
+
+def open_engine(model_path: Path, *, provider: Provider = "auto", intra_op_threads: int = 0) -> Engine:
+    """The engine for ``provider``: onnxruntime (auto/cpu/cuda), or OpenVINO bf16 (``eat.engine_openvino``)."""
+    if provider == "openvino":
+        from eat.engine_openvino import OpenVinoEngine
+
+        return OpenVinoEngine(Path(model_path), threads=intra_op_threads)
+    return OnnxEngine(Path(model_path), provider=provider, intra_op_threads=intra_op_threads)
+
+
 class OnnxEngine:
     """An onnxruntime session on the best (or the requested) provider."""
 

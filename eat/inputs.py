@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from eat.engine import PROVIDERS
 from eat.predictor import MODES, Predictor
 
 # What the decoder reads (eat.audio): soundfile's formats, and PyAV's containers for the rest.
@@ -82,8 +83,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mode", choices=MODES, default="windows",
                         help="windows: cover the whole clip with the model's windows (default); original: only "
                              "the first target-length frames, exactly as the original EAT")
-    parser.add_argument("--provider", choices=("auto", "cpu", "cuda"), default="auto",
-                        help="onnxruntime provider for ONNX files (default: auto)")
+    parser.add_argument("--provider", choices=PROVIDERS, default="auto",
+                        help="for ONNX files: onnxruntime auto/cpu/cuda, or openvino (bf16 on CPU) (default: auto)")
     parser.add_argument("--device", default="cpu", help="torch device for checkpoints (default: cpu)")
     parser.add_argument("--target-length", type=int, default=None,
                         help="frames the encoder sees, a multiple of 16 (checkpoints only; an ONNX file has its own)")

@@ -40,7 +40,7 @@ from eat.contract import (
     sigmoid,
     window_samples_for,
 )
-from eat.engine import Engine
+from eat.engine import Engine, Provider
 from eat.events import Event, EventOptions, Thresholds, detect_events
 
 logger = logging.getLogger(__name__)
@@ -216,13 +216,14 @@ class Predictor:
 
     @classmethod
     def from_onnx(
-        cls, path: str | os.PathLike[str], *, provider: Literal["auto", "cpu", "cuda"] = "auto",
+        cls, path: str | os.PathLike[str], *, provider: Provider = "auto",
         intra_op_threads: int = 0, **options: object,
     ) -> Predictor:
-        """An exported ONNX file on onnxruntime (``provider``: auto = CUDA when available)."""
-        from eat.engine import OnnxEngine
+        """An exported ONNX file on onnxruntime (``provider``: auto = CUDA when available), or on OpenVINO
+        in bf16 (``provider="openvino"``, CPU)."""
+        from eat.engine import open_engine
 
-        return cls(OnnxEngine(Path(path), provider=provider, intra_op_threads=intra_op_threads), **options)  # type: ignore[arg-type]
+        return cls(open_engine(Path(path), provider=provider, intra_op_threads=intra_op_threads), **options)  # type: ignore[arg-type]
 
     @classmethod
     def from_checkpoint(

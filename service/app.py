@@ -26,7 +26,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from eat.contract import ModelInfo, hop_samples_for
-from eat.engine import Engine, OnnxEngine
+from eat.engine import Engine, open_engine
 from eat.events import Thresholds, read_thresholds
 from eat.predictor import Embedding, Prediction
 from service.admission import Admission
@@ -344,7 +344,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     s = state.settings
     if state.engine is None:
         state.engine = await asyncio.to_thread(
-            OnnxEngine, s.model_path, provider=s.provider, intra_op_threads=s.intra_op_threads
+            open_engine, s.model_path, provider=s.provider, intra_op_threads=s.intra_op_threads
         )
     engine = state.engine
     info = engine.info

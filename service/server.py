@@ -17,7 +17,7 @@ import uvicorn
 from pydantic import ValidationError
 
 from eat.contract import hop_samples_for
-from eat.engine import EngineStartError, OnnxEngine
+from eat.engine import Engine, EngineStartError, open_engine
 from service.app import ServiceState, create_app
 from service.log import configure_logging
 from service.settings import Settings
@@ -44,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="ONNX model (default: EAT_MODEL_PATH)")
 
 
-def serve(settings: Settings, engine: OnnxEngine | None = None) -> int:
+def serve(settings: Settings, engine: Engine | None = None) -> int:
     """Run until SIGTERM/SIGINT; returns the process exit status."""
     app = create_app(settings, engine=engine)
     config = uvicorn.Config(
@@ -75,7 +75,9 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"invalid EAT_* settings: {err}") from err
     configure_logging(settings.log_level)
     try:  # open the model before binding the port, so a bad model or missing CUDA fails loudly here
-        engine = OnnxEngine(settings.model_path, provider=settings.provider, intra_op_threads=settings.intra_op_threads)
+        engine = open_engine(
+            settings.model_path, provider=settings.provider, intra_op_threads=settings.intra_op_threads
+        )
     except EngineStartError as err:
         raise ValueError(str(err)) from err
     try:

@@ -25,8 +25,10 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="EAT_", frozen=True, extra="ignore")
 
     model_path: Path = Field(Path("models/default/model.onnx"), description="the ONNX file exported by `eat export`")
-    provider: Literal["auto", "cpu", "cuda"] = Field(
-        "auto", description="auto = CUDA when onnxruntime has it, else CPU; cuda = fail at start-up without it"
+    provider: Literal["auto", "cpu", "cuda", "openvino"] = Field(
+        "auto",
+        description="auto = CUDA when onnxruntime has it, else CPU; cuda = fail at start-up without it; "
+        "openvino = the fp32 file in bf16 on the CPU through OpenVINO (the openvino extra), 3-4x onnxruntime's fp32",
     )
     host: str = "0.0.0.0"
     port: int = Field(8000, ge=0, le=65535)

@@ -95,10 +95,16 @@ def test_bad_requests_are_4xx_on_the_wire(eat_serve) -> None:
         ),
         httpx.post(f"{url}/predict", content=b"{}", headers={"content-type": "application/json"}),
         httpx.post(f"{url}/predict", content=wav(1.0)[:200], headers={"content-type": "audio/wav"}),
-        httpx.get(f"{url}/health/live", headers={"x-huge": "a" * 100_000}),
     ]
     statuses = [r.status_code for r in cases]
     assert all(400 <= s < 500 for s in statuses), statuses
+    # 100 KB of headers: h11 refuses the request while it is still arriving and closes the connection, so
+    # the client reads either the 400 or, when unread bytes were still in flight, a reset. Never a 5xx.
+    try:
+        huge = httpx.get(f"{url}/health/live", headers={"x-huge": "a" * 100_000}).status_code
+    except (httpx.NetworkError, httpx.RemoteProtocolError):  # reset while reading or still sending
+        huge = "reset"
+    assert huge == "reset" or 400 <= huge < 500, huge
     assert httpx.get(f"{url}/health/ready").status_code == 200  # the server is unharmed
 
 

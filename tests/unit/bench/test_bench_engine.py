@@ -20,26 +20,40 @@ def engine():
     return module
 
 
-def test_precisions_default_to_all_three_on_cpu(engine):
-    args = engine.parse_args(["--providers", "cpu"])
-    assert args.precisions == ["fp32", "fp16", "int8"]
+def test_precisions_default_to_all_four_on_cpu(engine, monkeypatch):
+    assert engine.parse_args(["--providers", "cpu"]).precisions == ["fp32", "fp16", "int8", "bf16"]
     assert engine.parse_args(["--providers", "cpu", "--precisions", "int8,fp32"]).precisions == ["int8", "fp32"]
+    monkeypatch.setattr(engine, "HAS_OPENVINO", False)
+    assert engine.parse_args(["--providers", "cpu"]).precisions == ["fp32", "fp16", "int8"]
 
 
-@pytest.mark.parametrize("bad", ["bf16", "fp32,fp32", ""])
+def test_bf16_needs_fp32_and_openvino(engine, monkeypatch, capsys):
+    with pytest.raises(SystemExit):
+        engine.parse_args(["--providers", "cpu", "--precisions", "bf16,int8"])
+    assert "bf16 runs the fp32 file" in capsys.readouterr().err
+    monkeypatch.setattr(engine, "HAS_OPENVINO", False)
+    with pytest.raises(SystemExit):
+        engine.parse_args(["--providers", "cpu", "--precisions", "fp32,bf16"])
+    assert "bf16 needs OpenVINO" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bad", ["fp8", "fp32,fp32", ""])
 def test_unknown_or_repeated_precisions_are_refused(engine, bad, capsys):
     with pytest.raises(SystemExit) as exited:
         engine.parse_args(["--providers", "cpu", "--precisions", bad])
     assert exited.value.code == 2 and "--precisions takes distinct values" in capsys.readouterr().err
 
 
-def test_int8_is_refused_on_cuda(engine, monkeypatch, capsys):
+def test_cpu_precisions_are_refused_on_cuda(engine, monkeypatch, capsys):
     both = ["CUDAExecutionProvider", "CPUExecutionProvider"]
     monkeypatch.setattr(engine.ort, "get_available_providers", lambda: both)
     assert engine.parse_args(["--providers", "cuda"]).precisions == ["fp32", "fp16"]
     with pytest.raises(SystemExit):
         engine.parse_args(["--providers", "cuda,cpu", "--precisions", "fp32,int8"])
     assert "int8 is a CPU precision" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        engine.parse_args(["--providers", "cuda", "--precisions", "fp32,bf16"])
+    assert "bf16 runs on the CPU" in capsys.readouterr().err
 
 
 def test_interleaved_timing_alternates_the_calls(engine):
@@ -62,8 +76,10 @@ def test_speed_ratios_compare_each_precision_with_fp32_at_the_same_batch(engine)
         row("int8", 2, 5.0),
         row("fp16", 2, 2.5),
         row("fp32", 1, 1.0, runtime="torch-eager"),
+        row("bf16", 1, 8.0, runtime="openvino"),
     ]
     assert engine.speed_ratios(results) == {
         "base cpu int8/fp32": {"1": 2.5, "2": 2.0},
         "base cpu fp16/fp32": {"2": 1.0},
+        "base cpu bf16/fp32": {"1": 4.0},
     }

@@ -116,7 +116,7 @@ def test_pins_match_pyproject(dockerfile: Dockerfile, pyproject: dict) -> None:
     gpu_runs = _runs(dockerfile, "venv-gpu")
     assert '".[gpu]"' in gpu_runs
     assert f"onnxruntime-gpu[cuda,cudnn]=={ort_gpu_version}" in gpu_runs, "CUDA/cuDNN wheels via ORT's extras"
-    assert '".[serve]"' in _runs(dockerfile, "venv-cpu")
+    assert '".[serve,openvino]"' in _runs(dockerfile, "venv-cpu")
     for stage in ("model", "train"):
         assert f"torch=={torch_version}" in _runs(dockerfile, stage)
     assert "--index-url https://download.pytorch.org/whl/cpu" in _runs(dockerfile, "model"), "CPU torch only"

@@ -11,6 +11,7 @@ from it: the numbers are a lower bound for the service.
     python bench/load.py                                   # models/default/model.onnx
     python bench/load.py --model /tmp/eat-tiny.onnx --concurrency 1,2,4,8,16 --seconds 10
     python bench/load.py --toy                             # a stand-in contract model (no torch needed)
+    python bench/load.py --model eat-base.onnx --provider openvino --threads 1 --max-batch 4  # bf16 on CPU
 
 Writes JSON (default ``bench/results/load.json``) and a PNG plot next to it. No torch is imported.
 """
@@ -41,7 +42,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from eat.contract import SAMPLE_RATE, cut_windows  # noqa: E402
-from eat.engine import OnnxEngine  # noqa: E402  (after the path set-up, so `python bench/load.py` works)
+from eat.engine import PROVIDERS, open_engine  # noqa: E402  (after the path set-up, so `python bench/load.py` works)
 
 
 def percentiles_ms(latencies_s: list[float]) -> dict[str, float]:
@@ -49,9 +50,9 @@ def percentiles_ms(latencies_s: list[float]) -> dict[str, float]:
     return {f"p{q}_ms": round(float(np.percentile(values, q)), 2) for q in (50, 95, 99)}
 
 
-def engine_baseline(model: Path, threads: int, batch_sizes: list[int], repeats: int) -> dict:
+def engine_baseline(model: Path, provider: str, threads: int, batch_sizes: list[int], repeats: int) -> dict:
     """Time ``Engine.run`` directly: per batch size, median call time and windows/s."""
-    engine = OnnxEngine(model, intra_op_threads=threads)
+    engine = open_engine(model, provider=provider, intra_op_threads=threads)
     info = engine.info
     outputs = ("logits",) if info.has_classifier else ("embedding",)
     rng = np.random.default_rng(0)
@@ -101,31 +102,20 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(model: Path, threads: int, max_batch: int) -> tuple[subprocess.Popen, str]:
+def start_server(model: Path, settings: dict[str, str]) -> tuple[subprocess.Popen, str]:
+    """``eat serve`` on a free local port with ``settings`` (``EAT_*`` variables); returns once ready.
+    The server's log goes to this process's stderr, so a failed start explains itself there."""
     port = free_port()
-    env = {
-        **os.environ,
-        "EAT_MODEL_PATH": str(model),
-        "EAT_HOST": "127.0.0.1",
-        "EAT_PORT": str(port),
-        "EAT_INTRA_OP_THREADS": str(threads),
-        "EAT_LOG_LEVEL": "WARNING",
-        "EAT_MAX_BATCH": str(max_batch),
-        "EAT_REQUEST_TIMEOUT_S": "300",
-        "EAT_QUEUE_SIZE": "1024",
-    }
+    env = {**os.environ, "EAT_MODEL_PATH": str(model), "EAT_HOST": "127.0.0.1", "EAT_PORT": str(port),
+           "EAT_LOG_LEVEL": "WARNING", **settings}
     process = subprocess.Popen(
-        [sys.executable, "-m", "training.cli", "serve"],
-        cwd=REPO_ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        [sys.executable, "-m", "training.cli", "serve"], cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL
     )
     url = f"http://127.0.0.1:{port}"
     end = time.monotonic() + 120
     while time.monotonic() < end:
         if process.poll() is not None:
-            raise RuntimeError(f"server exited: {process.stderr.read().decode() if process.stderr else ''}")
+            raise RuntimeError(f"server exited with status {process.returncode} (its log is above)")
         try:
             if httpx.get(f"{url}/health/ready", timeout=1).status_code == 200:
                 return process, url
@@ -229,7 +219,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--toy", action="store_true", help="serve the stand-in contract model from the tests")
     parser.add_argument("--concurrency", default="1,2,4,8,16", help="comma list of client counts")
     parser.add_argument("--seconds", type=float, default=10.0, help="measured time per concurrency level")
-    parser.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0 = its default)")
+    parser.add_argument("--provider", default="auto", choices=PROVIDERS,
+                        help="EAT_PROVIDER of the server and the engine baseline (default: auto)")
+    parser.add_argument("--threads", type=int, default=0, help="engine intra-op threads (0 = its default)")
     parser.add_argument("--max-batch", type=int, default=16, help="EAT_MAX_BATCH for the server")
     parser.add_argument("--repeats", type=int, default=5, help="timed engine calls per batch size")
     parser.add_argument("--out", type=Path, default=Path("bench/results/load.json"))
@@ -246,9 +238,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no model at {model}: build one with `eat demo` / `eat export`, or pass --toy", file=sys.stderr)
         return 2
     batch_sizes = [b for b in (1, 2, 4, 8, 16, 32) if b <= max(max(levels), 1) and b <= args.max_batch]
-    engine = engine_baseline(model, args.threads, batch_sizes, args.repeats)
+    engine = engine_baseline(model, args.provider, args.threads, batch_sizes, args.repeats)
     body = ten_second_wav()
-    process, url = start_server(model, args.threads, args.max_batch)
+    process, url = start_server(model, {
+        "EAT_PROVIDER": args.provider,
+        "EAT_INTRA_OP_THREADS": str(args.threads),
+        "EAT_MAX_BATCH": str(args.max_batch),
+        "EAT_REQUEST_TIMEOUT_S": "300",
+        "EAT_QUEUE_SIZE": "1024",
+    })
     service = []
     try:
         for concurrency in levels:
@@ -268,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         process.send_signal(signal.SIGTERM)
         process.wait(60)
     # Measure the engine again after the service: on a shared machine the less disturbed run is kept.
-    again = engine_baseline(model, args.threads, batch_sizes, args.repeats)
+    again = engine_baseline(model, args.provider, args.threads, batch_sizes, args.repeats)
     engine["per_batch"] = [
         min(a, b, key=lambda r: r["call_ms_median"])
         for a, b in zip(engine["per_batch"], again["per_batch"], strict=True)

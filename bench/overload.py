@@ -33,7 +33,6 @@ import multiprocessing
 import os
 import platform
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -44,7 +43,7 @@ import httpx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from load import REPO_ROOT, build_toy, free_port, ten_second_wav  # bench/load.py, same folder
+from load import build_toy, start_server, ten_second_wav  # bench/load.py, same folder
 
 
 def quantiles_ms(values_s: list[float]) -> dict[str, float | None]:
@@ -75,38 +74,17 @@ def scrape(url: str) -> dict[str, float]:
     return values
 
 
-def start_server(model: Path, args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    env = {
-        **os.environ,
-        "EAT_MODEL_PATH": str(model),
-        "EAT_HOST": "127.0.0.1",
-        "EAT_PORT": str(port),
+def server_settings(args: argparse.Namespace) -> dict[str, str]:
+    settings = {
         "EAT_INTRA_OP_THREADS": str(args.threads),
-        "EAT_LOG_LEVEL": "WARNING",
         "EAT_MAX_BATCH": str(args.max_batch),
         "EAT_BATCH_BUCKETS": ",".join(str(b) for b in (1, 2, 4, 8, 16, 32) if b <= args.max_batch),
         "EAT_QUEUE_SIZE": str(args.queue_size),
         "EAT_REQUEST_TIMEOUT_S": str(args.timeout),
     }
     if args.max_concurrent:
-        env["EAT_MAX_CONCURRENT_REQUESTS"] = str(args.max_concurrent)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "training.cli", "serve"], cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL
-    )
-    url = f"http://127.0.0.1:{port}"
-    end = time.monotonic() + 120
-    while time.monotonic() < end:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}")
-        try:
-            if httpx.get(f"{url}/health/ready", timeout=1).status_code == 200:
-                return process, url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    process.kill()
-    raise RuntimeError("server did not become ready in 120 s")
+        settings["EAT_MAX_CONCURRENT_REQUESTS"] = str(args.max_concurrent)
+    return settings
 
 
 async def measure_capacity(url: str, body: bytes, concurrency: int, seconds: float) -> dict:
@@ -413,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     body = ten_second_wav()
     load_before = os.getloadavg()
-    process, url = start_server(model, args)
+    process, url = start_server(model, server_settings(args))
     levels = []
     try:
         served = httpx.get(f"{url}/v1/model").json()

@@ -11,9 +11,12 @@ import argparse
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from eat.engine import PROVIDERS
-from eat.predictor import MODES, Predictor
+
+if TYPE_CHECKING:
+    from eat.predictor import Predictor
 
 # What the decoder reads (eat.audio): soundfile's formats, and PyAV's containers for the rest.
 AUDIO_SUFFIXES = frozenset(
@@ -80,6 +83,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
                         help=f"an ONNX file, or a checkpoint (ours, fairseq .pt, HF folder; needs torch) "
                              f"(default: $EAT_MODEL_PATH or {DEFAULT_MODEL})")
+    from eat.predictor import MODES  # here, not at the top: training's data code imports read_tsv alone
+
     parser.add_argument("--mode", choices=MODES, default="windows",
                         help="windows: cover the whole clip with the model's windows (default); original: only "
                              "the first target-length frames, exactly as the original EAT")
@@ -93,6 +98,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def open_predictor(args: argparse.Namespace, *, hop_seconds: float | None = None) -> Predictor:
     """The model of ``--model`` as a ``Predictor``, checked against ``--target-length``."""
+    from eat.predictor import Predictor
+
     path = args.model or os.environ.get("EAT_MODEL_PATH") or DEFAULT_MODEL
     if not Path(path).exists():
         raise FileNotFoundError(f"model not found: {path} (pass --model, or run `eat demo` for the default model)")

@@ -1,4 +1,5 @@
-"""House rule 2: `eat` (the contract, decoding, Predictor) -> numpy and onnxruntime only; `model` -> torch
+"""House rule 2: `eat` (the contract, decoding, Predictor) -> numpy and onnxruntime (OpenVINO only inside
+``eat.engine_openvino``'s engine, for ``EAT_PROVIDER=openvino``); `model` -> torch
 and `eat.contract`; `training` -> `model`, `eat`; `service` -> `eat`, never torch (the serving image has
 none). Checked on the import statements of every module, and by importing the service in a fresh
 interpreter. The exceptions: `eat` may import `model` and `torch` inside a function, for the optional
@@ -54,7 +55,17 @@ def test_service_and_cli_serve_import_without_torch() -> None:
         "import sys, importlib\n"
         "for name in ['service.app', 'service.server', 'training.cli', 'eat.predictor', 'eat.hear']:\n"
         "    importlib.import_module(name)\n"
-        "bad = sorted(m for m in sys.modules if m.split('.')[0] in {'torch', 'model'})\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in {'torch', 'model', 'openvino'})\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_training_data_reads_manifests_without_the_predictor() -> None:
+    """training's manifest reader shares ``eat.inputs.read_tsv``; that must not load the inference stack."""
+    code = (
+        "import sys, training.data.manifest\n"
+        "bad = sorted(m for m in sys.modules if m in {'eat.predictor', 'eat.events', 'onnxruntime'})\n"
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)

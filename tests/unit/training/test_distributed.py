@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+from training_cases import TINY_MODEL, free_port
 
 from training.checkpoint import CHECKPOINT_NAME, load_training_checkpoint
 from training.config import PretrainConfig, load_config
@@ -15,12 +15,7 @@ from training.data.synthetic import generate
 from training.distributed import DistEnv, DistributedError, init_distributed, resolve_device
 
 TINY = [
-    "model.embed_dim=32",
-    "model.num_heads=2",
-    "model.depth=2",
-    "model.decoder_dim=32",
-    "model.decoder_layers=1",
-    "target_frames=96",
+    *TINY_MODEL,
     "batch_size=2",
     "clone_batch=2",
     "num_workers=0",
@@ -28,14 +23,7 @@ TINY = [
     "max_steps=3",
     "log_every=1",
     "save_every=3",
-    "tensorboard=false",
 ]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, world_size: int, port: int, data_dir: str, out_dir: str, result_dir: str) -> None:
@@ -68,7 +56,7 @@ def test_two_ranks_train_in_lockstep(tmp_path: Path) -> None:
     data_dir = generate(tmp_path / "data", num_train=12, num_eval=1, clip_seconds=1.0, seed=11).data_dir
     out_dir, result_dir = tmp_path / "run", tmp_path / "results"
     result_dir.mkdir()
-    mp.spawn(_worker, args=(2, _free_port(), str(data_dir), str(out_dir), str(result_dir)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(data_dir), str(out_dir), str(result_dir)), nprocs=2, join=True)
 
     ranks = [torch.load(result_dir / f"rank{r}.pt", weights_only=True) for r in range(2)]
     for key, value in ranks[0]["model"].items():  # DDP averaged the gradients: identical weights

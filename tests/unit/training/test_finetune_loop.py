@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from training_cases import TINY_MODEL
 
 from model.checkpoints import load_checkpoint, save_checkpoint
 from model.config import FrontendConfig
@@ -20,18 +21,12 @@ from training.config import FinetuneConfig, load_config
 from training.data.synthetic import generate
 
 TINY = [
-    "model.embed_dim=32",
-    "model.num_heads=2",
-    "model.depth=2",
-    "model.decoder_dim=32",
-    "model.decoder_layers=1",
-    "target_frames=96",
+    *TINY_MODEL,
     "batch_size=4",
     "num_workers=0",
     "warmup_steps=1",
     "log_every=1",
     "eval_batch_size=8",
-    "tensorboard=false",
 ]
 
 

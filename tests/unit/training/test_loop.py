@@ -6,12 +6,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+from training_cases import TINY_MODEL, free_port
 
 from training import finetune, loop
 from training.config import FinetuneConfig, load_config
@@ -20,17 +20,11 @@ from training.data.synthetic import generate
 from training.distributed import DistEnv, Reporter, init_distributed
 
 TINY = [
-    "model.embed_dim=32",
-    "model.num_heads=2",
-    "model.depth=2",
-    "model.decoder_dim=32",
-    "model.decoder_layers=1",
-    "target_frames=96",
+    *TINY_MODEL,
     "num_workers=0",
     "warmup_steps=1",
     "log_every=1",
     "eval_batch_size=8",
-    "tensorboard=false",
 ]
 # Nothing random in a step (no roll, mixup, SpecAugment or drop path) and a loss that is a mean over
 # clips (BCE divided by the batch), so any split of one global batch must give the same update.
@@ -57,12 +51,6 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _cfg(*overrides: str) -> FinetuneConfig:
     return load_config(FinetuneConfig, "demo_finetune", [*DETERMINISTIC, *overrides])
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rank_worker(rank: int, port: int, data_dir: str, out_dir: str, result_dir: str) -> None:
@@ -104,7 +92,7 @@ def test_two_ranks_accumulating_equal_one_process_with_twice_the_batch(data_dir:
     # (rank r reads every 2nd clip of the shared order) in every update.
     result_dir = tmp_path / "results"
     result_dir.mkdir()
-    args = (_free_port(), str(data_dir), str(tmp_path / "ddp"), str(result_dir))
+    args = (free_port(), str(data_dir), str(tmp_path / "ddp"), str(result_dir))
     mp.spawn(_rank_worker, args=args, nprocs=2, join=True)
     ranks = [torch.load(result_dir / f"rank{r}.pt", weights_only=True) for r in range(2)]
     single = finetune.train(_cfg("batch_size=4", "accum_steps=2"), data_dir, tmp_path / "single")

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from training_cases import TINY_MODEL
 
 from model.checkpoints import load_checkpoint
 from model.pretraining import ema_decay
@@ -14,20 +15,13 @@ from training.checkpoint import CHECKPOINT_NAME, load_training_checkpoint
 from training.config import PretrainConfig, load_config
 from training.data.synthetic import generate
 
-# A network small enough for a few steps in about a second on a shared 2-core CPU.
 TINY = [
-    "model.embed_dim=32",
-    "model.num_heads=2",
-    "model.depth=2",
-    "model.decoder_dim=32",
-    "model.decoder_layers=1",
-    "target_frames=96",
+    *TINY_MODEL,
     "batch_size=4",
     "clone_batch=2",
     "num_workers=0",
     "warmup_steps=2",
     "log_every=1",
-    "tensorboard=false",
 ]
 
 

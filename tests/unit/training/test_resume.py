@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import torch
+from training_cases import TINY_MODEL
 
 from training.checkpoint import (
     CHECKPOINT_NAME,
@@ -23,17 +24,11 @@ from training.data.synthetic import generate
 
 REPO = Path(__file__).resolve().parents[3]
 TINY = [
-    "model.embed_dim=32",
-    "model.num_heads=2",
-    "model.depth=2",
-    "model.decoder_dim=32",
-    "model.decoder_layers=1",
-    "target_frames=96",
+    *TINY_MODEL,
     "batch_size=4",
     "warmup_steps=2",
     "log_every=1",
     "save_every=2",
-    "tensorboard=false",
 ]
 PRETRAIN = [*TINY, "clone_batch=2", "num_workers=0", "max_steps=5", "ema_anneal_end_step=4"]
 # Every stochastic part on: roll + gain, mixup, SpecAugment, drop path; a loader worker process.

@@ -42,6 +42,7 @@ from model.config import FrontendConfig, preset
 from model.frontend import LogMelFrontend
 from model.pipeline import ClassifierHeads, WaveformModel
 from training.export import ExportReport, export_onnx
+from training.onnx_int8 import top_k_agreement
 
 log = logging.getLogger("bench.engine")
 
@@ -170,10 +171,8 @@ def bf16_accuracy(engine: object, fp32: ort.InferenceSession, window: int) -> di
     want = dict(zip(names, fp32.run(names, {"waveform": waveform, "num_samples": num_samples}), strict=True))
     got = engine.run(waveform, num_samples, tuple(names))
     relative = {k: float(np.abs(got[k] - want[k]).max()) / max(1.0, float(np.abs(want[k]).max())) for k in names}
-    top5 = [set(np.argsort(-g)[:5]) == set(np.argsort(-w)[:5]) for g, w in zip(got["logits"], want["logits"],
-                                                                                  strict=True)]
     return {"reference": "the fp32 file on onnxruntime", "max_relative_diff": relative,
-            "tolerance": BF16_RELATIVE_TOLERANCE, "top5_agreement": float(np.mean(top5))}
+            "tolerance": BF16_RELATIVE_TOLERANCE, "top5_agreement": top_k_agreement(got["logits"], want["logits"], 5)}
 
 
 def export_accuracy(report: ExportReport) -> dict:

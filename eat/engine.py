@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Literal, Protocol, get_args
 
 import numpy as np
 
@@ -40,7 +40,7 @@ class Engine(Protocol):
 
 
 Provider = Literal["auto", "cpu", "cuda", "openvino"]
-PROVIDERS: tuple[str, ...] = ("auto", "cpu", "cuda", "openvino")
+PROVIDERS: tuple[str, ...] = get_args(Provider)
 
 
 def open_engine(model_path: Path, *, provider: Provider = "auto", intra_op_threads: int = 0) -> Engine:

@@ -13,6 +13,8 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from eat.engine import Provider
+
 
 def _split_csv(value: object) -> object:
     """``"a, b,,c"`` -> ``["a", "b", "c"]``; lists pass through (so tests can give lists)."""
@@ -25,7 +27,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="EAT_", frozen=True, extra="ignore")
 
     model_path: Path = Field(Path("models/default/model.onnx"), description="the ONNX file exported by `eat export`")
-    provider: Literal["auto", "cpu", "cuda", "openvino"] = Field(
+    provider: Provider = Field(
         "auto",
         description="auto = CUDA when onnxruntime has it, else CPU; cuda = fail at start-up without it; "
         "openvino = the fp32 file in bf16 on the CPU through OpenVINO (the openvino extra), 3-4x onnxruntime's fp32",
